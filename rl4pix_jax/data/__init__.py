@@ -1,0 +1,1 @@
+"""Datasets: synthetic shapes edits, MagicBrush, and the grain input pipeline."""

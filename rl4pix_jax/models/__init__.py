@@ -1,0 +1,1 @@
+"""Flax (linen) implementations of the UNet, VAE and CLIP models, NHWC throughout."""

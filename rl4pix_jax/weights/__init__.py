@@ -1,0 +1,1 @@
+"""Weight import/export between Flax param trees and diffusers/transformers folders."""
