@@ -1,0 +1,117 @@
+"""The embedded default: a tiny InstructPix2Pix editor trained and RL-tuned on shapes, on CPU.
+
+Every number of the run lives here and can be overridden on the command line, e.g.
+``--config.ppo.clip_range=1e-4``. ``--config=configs/shapes.py:vae`` (or ``clip``, ``unet``,
+``rl``) only records the stage in ``config.stage``; the launch scripts read it.
+
+Model fields use the diffusers/transformers config names, so the same code builds these tiny
+models and real SD1.5/InstructPix2Pix ones (set ``model.pretrained`` to a diffusers folder).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = arg or "rl"
+  c.seed = 0
+  c.resolution = 64  # pixels; latents are resolution / 4 with the VAE below
+
+  # ---- models -------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.pretrained = ""  # a diffusers pipeline folder or hub id; overrides the dicts below
+  c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators); params stay float32
+  c.model.remat = False
+  c.model.unet = dict(
+      sample_size=16, in_channels=8, out_channels=4,
+      block_out_channels=[64, 128], layers_per_block=1,
+      down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+      up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+      cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
+  c.model.vae = dict(
+      in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+      block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=16,
+      down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+      scaling_factor=1.0)  # pretrain.vae measures the latent std and stores 1/std
+  c.model.text_encoder = dict(
+      vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+      num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+      projection_dim=64, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407)
+  c.model.vision_encoder = dict(
+      image_size=64, patch_size=8, hidden_size=64, intermediate_size=256,
+      num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu", projection_dim=64)
+  c.model.scheduler = dict(
+      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+      steps_offset=1, prediction_type="epsilon", timestep_spacing="leading")
+
+  # ---- data ---------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "shapes_edit"
+  c.data.data_dir = ""  # empty: <workdir>/../data when run from launch.run_default
+  c.data.train_size = 2000
+  c.data.validation_size = 200
+  c.data.test_size = 200
+  c.data.max_object_tokens = 8
+  c.data.skip_bad_records = False
+  c.data.num_threads = 2
+
+  # ---- supervised stages (the default trains its own tiny models) ---------------------
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.vae = dict(steps=1500, batch_size=32, learning_rate=1e-3, kl_weight=1e-6,
+                        log_every=100)
+  c.pretrain.clip = dict(steps=1500, batch_size=64, learning_rate=1e-3, log_every=100)
+  c.pretrain.unet = dict(steps=3000, batch_size=32, learning_rate=3e-4, log_every=100,
+                         text_dropout=0.05, image_dropout=0.05, both_dropout=0.05)
+
+  # ---- policy rollout -----------------------------------------------------------------
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.num_steps = 10
+  c.sampler.eta = 1.0
+  c.sampler.guidance_scale = 7.5
+  c.sampler.image_guidance_scale = 1.5
+  c.sampler.capture_size = 16  # side of the recorded cross-attention maps (latent side here)
+
+  # ---- reward (our documented defaults; see README "Reward design") -------------------
+  c.reward = ml_collections.ConfigDict()
+  c.reward.attention_weight = 1.0
+  c.reward.clip_weight = 1.0
+  c.reward.attention_region = "mask"  # "mask" (dataset edit mask) or "reference"
+  c.reward.attention_distance = "kl"  # "l1", "l2", "kl" (region || map) or "soft_iou"
+  c.reward.attention_last_steps = 0  # 0: average maps over all steps; k: the last k
+  c.reward.clip_directional = False
+  c.reward.extra = ml_collections.ConfigDict()  # registered reward name -> weight
+
+  # ---- PPO ------------------------------------------------------------------------------
+  c.ppo = ml_collections.ConfigDict()
+  c.ppo.trainable = "lora"  # "lora" (attention projections) or "full"
+  c.ppo.lora_rank = 4
+  c.ppo.lora_alpha = 4.0
+  c.ppo.learning_rate = 3e-4
+  c.ppo.adam_b1 = 0.9
+  c.ppo.adam_b2 = 0.999
+  c.ppo.adam_eps = 1e-8
+  c.ppo.weight_decay = 1e-4
+  c.ppo.max_grad_norm = 1.0
+  c.ppo.clip_range = 1e-4
+  c.ppo.adv_clip_max = 5.0
+  c.ppo.num_inner_epochs = 1
+  c.ppo.timestep_fraction = 1.0
+  c.ppo.stat_buffer_size = 16  # per-prompt ring buffer length
+  c.ppo.stat_min_count = 4  # below this many values a prompt uses batch statistics
+
+  # ---- RL loop ----------------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.num_epochs = 20
+  c.train.sample_batch_size = 8  # per sampling call (global, all devices)
+  c.train.num_sample_batches = 2  # sampling calls per epoch
+  c.train.train_batch_size = 8  # samples per PPO minibatch (global)
+  c.train.checkpoint_every = 5  # epochs
+  c.train.keep_checkpoints = 3
+  c.train.image_every = 5  # epochs between sample grids
+  c.train.max_nonfinite_in_a_row = 3
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all remaining devices
+  c.mesh.fsdp = 1
+  return c
