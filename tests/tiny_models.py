@@ -28,3 +28,40 @@ def tiny_unet_params(seed: int = 0, batch: int = 1, side: int = 16):
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
   leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
   return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_tiny_diffusers_pipeline(folder: str, seed: int = 0) -> None:
+  """Writes a tiny random StableDiffusionInstructPix2PixPipeline (PyTorch) to ``folder``.
+
+  32x32 images, a 2-level VAE (16x16 latents), the TINY_UNET architecture, a 2-layer CLIP
+  text encoder over the real CLIP vocabulary, the packaged tokenizer and the SD DDIM config.
+  Every weight is perturbed with seeded noise so that no zero/one init hides a bug.
+  """
+  import diffusers  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  from rl4pix_jax import ddim  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.tokenizer import load_clip_tokenizer  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(seed)
+  unet = diffusers.UNet2DConditionModel(**TINY_UNET)
+  vae = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+      layers_per_block=1, norm_num_groups=8, sample_size=32)
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+      eos_token_id=49407, pad_token_id=49407))
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for model in (unet, vae, text_encoder):
+      for param in model.parameters():
+        param.add_(0.05 * torch.randn(param.shape, generator=generator))
+  scheduler = diffusers.DDIMScheduler.from_config(ddim.default_scheduler_config())
+  pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
+      vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
+      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  pipe.save_pretrained(folder)
