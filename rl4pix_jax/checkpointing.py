@@ -1,0 +1,118 @@
+"""Orbax checkpoints of a training run: device state plus host-side state, written atomically.
+
+A checkpoint of epoch ``e`` holds two items:
+  - ``state``: the device pytree (params, optimizer state, step, ...), saved by every process
+    collectively (Orbax ``StandardSave``) and restored with the shardings of an abstract
+    target, so a run restores onto a different mesh or process count;
+  - ``host``: a JSON dict (epoch, PRNG key, per-prompt statistics, data-iterator position,
+    counters) written by process 0.
+Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
+crash mid-write leaves the previous checkpoint as the latest usable one; incomplete folders
+are ignored (and cleaned up) on the next start.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Tuple
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+# Orbax writes this file last when it finalises a checkpoint folder.
+COMPLETION_MARKER = "_CHECKPOINT_METADATA"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be written or read as asked."""
+
+
+def all_finite(tree: Any) -> bool:
+  """True when every floating leaf of ``tree`` is finite (checked before each save)."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.floating)]
+  return all(bool(jax.numpy.isfinite(x).all()) for x in leaves)
+
+
+class RunCheckpointer:
+  """Saves and restores (state, host) pairs under ``<directory>`` keyed by epoch.
+
+  Args:
+    directory: checkpoint root (a local path or ``gs://...``).
+    keep: how many of the newest checkpoints to keep.
+  """
+
+  def __init__(self, directory: str, keep: int = 3):
+    if keep < 1:
+      raise CheckpointError(f"keep={keep}: keep at least one checkpoint.")
+    if "://" not in directory:
+      directory = os.path.abspath(directory)
+    self.directory = directory
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(directory, options=options,
+                                          item_names=("state", "host"))
+
+  def _is_complete(self, epoch: int) -> bool:
+    return (epath.Path(self.directory) / str(epoch) / COMPLETION_MARKER).exists()
+
+  def all_epochs(self) -> list:
+    """Epochs of complete checkpoints (a folder without Orbax's metadata file is skipped)."""
+    epochs = sorted(self._manager.all_steps())
+    complete = [e for e in epochs if self._is_complete(e)]
+    for epoch in sorted(set(epochs) - set(complete)):
+      logging.warning("Ignoring incomplete checkpoint folder %s/%d (no %s).", self.directory,
+                      epoch, COMPLETION_MARKER)
+    return complete
+
+  def latest_epoch(self) -> Optional[int]:
+    """The newest complete checkpoint's epoch, or None."""
+    epochs = self.all_epochs()
+    return epochs[-1] if epochs else None
+
+  def save(self, epoch: int, state: Any, host: dict) -> None:
+    """Writes a checkpoint and waits until it is complete on disk.
+
+    Raises:
+      CheckpointError: when ``state`` holds a non-finite value (never checkpoint a broken
+        model: the previous checkpoint stays the latest).
+    """
+    if not all_finite(state):
+      raise CheckpointError(f"Refusing to checkpoint epoch {epoch}: the state holds NaN or "
+                            "inf values; the previous checkpoint stays the latest.")
+    if epoch in self._manager.all_steps():
+      if self._is_complete(epoch):
+        raise CheckpointError(f"A checkpoint for epoch {epoch} already exists in "
+                              f"{self.directory!r}.")
+      logging.warning("Replacing incomplete checkpoint folder of epoch %d.", epoch)
+      (epath.Path(self.directory) / str(epoch)).rmtree()
+      self._manager.reload()
+    self._manager.save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, abstract_state: Any, epoch: Optional[int] = None) -> Tuple[Any, dict]:
+    """Restores (state, host) of ``epoch`` (default: the latest).
+
+    Args:
+      abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with ``sharding``) or arrays
+        giving the structure, dtypes and placement to restore into.
+      epoch: which checkpoint.
+    """
+    epoch = self.latest_epoch() if epoch is None else epoch
+    if epoch is None:
+      raise CheckpointError(f"No checkpoint in {self.directory!r}.")
+    if epoch not in self.all_epochs():
+      raise CheckpointError(f"No checkpoint for epoch {epoch} in {self.directory!r}; "
+                            f"available: {self.all_epochs()}.")
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    restored = self._manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
+    return restored["state"], restored["host"]
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,138 @@
+"""Pictures of runs: attention overlays, captioned sample grids and metric curves (PIL only)."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+GAP = 6
+CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def _font(size: int = 12):
+  return ImageFont.load_default(size=size)
+
+
+def heatmap_colours(values: np.ndarray) -> np.ndarray:
+  """Maps values in [0, 1] (any shape) to RGB uint8 (..., 3): dark blue -> red -> yellow."""
+  v = np.clip(values, 0.0, 1.0)[..., None]
+  low, mid, high = np.array([20, 20, 120]), np.array([220, 40, 30]), np.array([255, 240, 80])
+  rgb = np.where(v < 0.5, low + (mid - low) * (v / 0.5), mid + (high - mid) * ((v - 0.5) / 0.5))
+  return rgb.astype(np.uint8)
+
+
+def attention_overlay(image: np.ndarray, attention: np.ndarray, alpha: float = 0.55
+                      ) -> np.ndarray:
+  """Blends an attention map over an image.
+
+  Args:
+    image: (H, W, 3) uint8.
+    attention: (r, r) float, non-negative; resized bilinearly to (H, W) and scaled to
+      [0, 1] by its maximum.
+    alpha: opacity of the heat map.
+  Returns:
+    (H, W, 3) uint8.
+  """
+  attention = np.asarray(attention, np.float32)
+  if attention.ndim != 2:
+    raise ValueError(f"attention has shape {attention.shape}; expected (r, r).")
+  height, width = image.shape[:2]
+  scaled = attention / max(float(attention.max()), 1e-12)
+  resized = np.asarray(Image.fromarray(scaled).resize((width, height), Image.BILINEAR))
+  heat = heatmap_colours(resized).astype(np.float32)
+  out = (1 - alpha) * image.astype(np.float32) + alpha * heat
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def captioned_grid(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[str],
+                   column_titles: Sequence[str] = (), cell: int = 128,
+                   title: str = "") -> Image.Image:
+  """Rows of equal-length image panels, each row with a caption underneath.
+
+  Args:
+    rows: per row, the panels (H, W, 3) uint8 (resized to ``cell`` x ``cell``, nearest).
+    captions: one text per row (e.g. the instruction).
+    column_titles: optional header per column.
+    cell: panel side in pixels.
+    title: optional line at the top.
+  Returns:
+    An RGB PIL image.
+  """
+  if not rows:
+    raise ValueError("captioned_grid needs at least one row.")
+  if len(captions) != len(rows):
+    raise ValueError(f"Got {len(captions)} captions for {len(rows)} rows.")
+  columns = max(len(r) for r in rows)
+  font = _font()
+  header = (18 if title else 0) + (18 if column_titles else 0)
+  row_height = cell + 20
+  width = columns * (cell + GAP) + GAP
+  height = header + len(rows) * (row_height + GAP) + GAP
+  canvas = Image.new("RGB", (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  top = 2
+  if title:
+    draw.text((GAP, top), title, fill=(0, 0, 0), font=font)
+    top += 18
+  for c, name in enumerate(column_titles):
+    draw.text((GAP + c * (cell + GAP), top), name, fill=(60, 60, 60), font=font)
+  top = header + GAP
+  for r, (panels, caption) in enumerate(zip(rows, captions)):
+    y = top + r * (row_height + GAP)
+    for c, panel in enumerate(panels):
+      tile = Image.fromarray(np.asarray(panel, np.uint8)).resize((cell, cell), Image.NEAREST)
+      canvas.paste(tile, (GAP + c * (cell + GAP), y))
+    draw.text((GAP, y + cell + 3), caption[:int(width / 6.5)], fill=(0, 0, 0), font=font)
+  return canvas
+
+
+def metric_curves(series: Dict[str, Sequence[float]], steps: Optional[Sequence[float]] = None,
+                  title: str = "", size=(640, 360)) -> Image.Image:
+  """A line plot of one or more metric series against epochs (own axes, PIL only).
+
+  Args:
+    series: name -> values (equal lengths; non-finite values are skipped).
+    steps: x values (default 0..n-1).
+    title: text at the top.
+  Returns:
+    An RGB PIL image with axes, min/max labels and a legend.
+  """
+  if not series:
+    raise ValueError("metric_curves needs at least one series.")
+  lengths = {len(v) for v in series.values()}
+  if len(lengths) != 1:
+    raise ValueError(f"Series have different lengths {sorted(lengths)}.")
+  n = lengths.pop()
+  xs = np.arange(n, dtype=np.float64) if steps is None else np.asarray(steps, np.float64)
+  values = np.array([np.asarray(v, np.float64) for v in series.values()])
+  finite = values[np.isfinite(values)]
+  lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+  if hi - lo < 1e-12:
+    lo, hi = lo - 0.5, hi + 0.5
+  width, height = size
+  left, right, top, bottom = 70, 20, 30, 50
+  canvas = Image.new("RGB", size, (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  font = _font()
+  draw.text((left, 8), title, fill=(0, 0, 0), font=font)
+  draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+  x_lo, x_hi = float(xs.min()) if n else 0.0, float(xs.max()) if n > 1 else 1.0
+  def point(x, y):
+    px = left + (x - x_lo) / max(x_hi - x_lo, 1e-12) * (width - left - right)
+    py = height - bottom - (y - lo) / (hi - lo) * (height - top - bottom)
+    return px, py
+  for k, (name, row) in enumerate(zip(series, values)):
+    colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
+    pts = [point(x, y) for x, y in zip(xs, row) if np.isfinite(y)]
+    if len(pts) > 1:
+      draw.line(pts, fill=colour, width=2)
+    for px, py in pts:
+      draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+    draw.text((left + 10 + 150 * k, height - 20), name, fill=colour, font=font)
+  draw.text((4, top - 6), f"{hi:.4g}", fill=(0, 0, 0), font=font)
+  draw.text((4, height - bottom - 8), f"{lo:.4g}", fill=(0, 0, 0), font=font)
+  draw.text((left, height - bottom + 4), f"{x_lo:g}", fill=(0, 0, 0), font=font)
+  draw.text((width - right - 30, height - bottom + 4), f"{x_hi:g}", fill=(0, 0, 0), font=font)
+  return canvas

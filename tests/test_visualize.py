@@ -1,0 +1,47 @@
+"""Pictures: overlay arithmetic, grid layout and curve rendering."""
+
+import numpy as np
+import pytest
+
+from rl4pix_jax import visualize
+
+
+def test_heatmap_colours_endpoints():
+  np.testing.assert_array_equal(visualize.heatmap_colours(np.array([0.0])), [[20, 20, 120]])
+  np.testing.assert_array_equal(visualize.heatmap_colours(np.array([1.0])), [[255, 240, 80]])
+  np.testing.assert_array_equal(visualize.heatmap_colours(np.array([0.5])), [[220, 40, 30]])
+
+
+def test_attention_overlay_blends_where_attention_is():
+  image = np.full((8, 8, 3), 100, np.uint8)
+  attention = np.zeros((2, 2), np.float32)
+  attention[0, 0] = 1.0
+  out = visualize.attention_overlay(image, attention, alpha=1.0)
+  assert out.shape == (8, 8, 3) and out.dtype == np.uint8
+  # Top-left corner gets the hottest colour, bottom-right the coldest.
+  np.testing.assert_array_equal(out[0, 0], [255, 240, 80])
+  np.testing.assert_array_equal(out[-1, -1], [20, 20, 120])
+  half = visualize.attention_overlay(image, attention, alpha=0.5)
+  np.testing.assert_array_equal(half[-1, -1], np.round(0.5 * 100 + 0.5 * np.array([20, 20, 120])))
+  with pytest.raises(ValueError, match="expected"):
+    visualize.attention_overlay(image, np.zeros((2, 2, 2)))
+
+
+def test_captioned_grid_size_and_errors():
+  panel = np.zeros((16, 16, 3), np.uint8)
+  grid = visualize.captioned_grid([[panel] * 3, [panel] * 3], ["a", "b"],
+                                  column_titles=["x", "y", "z"], cell=32, title="t")
+  assert grid.size == (3 * (32 + visualize.GAP) + visualize.GAP,
+                       36 + 2 * (32 + 20 + visualize.GAP) + visualize.GAP)
+  with pytest.raises(ValueError, match="captions"):
+    visualize.captioned_grid([[panel]], ["a", "b"])
+
+
+def test_metric_curves_draws_each_series():
+  image = visualize.metric_curves({"reward": [0.0, 1.0, 2.0], "kl": [1.0, float("nan"), 0.5]},
+                                  title="curves")
+  pixels = np.asarray(image)
+  for colour in visualize.CURVE_COLOURS[:2]:
+    assert (pixels.reshape(-1, 3) == colour).all(-1).any()
+  with pytest.raises(ValueError, match="lengths"):
+    visualize.metric_curves({"a": [1.0], "b": [1.0, 2.0]})
