@@ -1,0 +1,456 @@
+"""PPO for the denoising chain: clipped loss, optimizer, train state and the jitted train step.
+
+One call of the train step is one PPO minibatch update: each sample's T stored steps are
+shuffled (its own permutation), the first ``ceil(T * timestep_fraction)`` positions are
+visited by one ``jax.lax.scan`` that re-scores every sample at its own timestep with the
+same guided policy that sampled (``sampling.rescore_step``), and the gradients of the
+clipped PPO loss are accumulated in the scan carry, averaged and applied in ONE optax
+update. Log-probs are DDPO's per-dimension mean (see ``ddim``), so ``clip_range`` (1e-4 in
+DDPO) is in that unit.
+
+Trainable sets: ``"full"`` trains every UNet parameter; ``"lora"`` trains only LoRA adapters
+on the attention projections (``rl4pix_jax.lora``), merged into the frozen UNet inside the
+step, and the frozen UNet gets no optimizer state.
+
+A non-finite loss, gradient or advantage skips the update: params and optimizer state come back
+bitwise unchanged, ``nonfinite_count`` (consecutive skips) grows, and ``metrics['nonfinite']``
+is 1. A finite update resets the count to 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from rl4pix_jax import ddim, lora, parallel, sampling
+
+Params = Any
+TRAINABLE_SETS = ("full", "lora")
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  """The PPO options (the ``ppo`` section of a config; hashable, static under jit).
+
+  Attributes:
+    trainable: "lora" (adapters on the attention projections) or "full" (every UNet param).
+    lora_rank: LoRA rank r.
+    lora_alpha: LoRA alpha (the update is scaled by alpha / r).
+    lora_target_regex: regex over '/'-joined UNet param paths selecting the adapted kernels.
+    learning_rate, adam_b1, adam_b2, adam_eps, weight_decay: AdamW.
+    max_grad_norm: global-norm gradient clipping before AdamW.
+    clip_range: PPO epsilon; the ratio is clipped to [1 - eps, 1 + eps].
+    adv_clip_max: advantages are clipped to [-adv_clip_max, adv_clip_max].
+    num_inner_epochs: PPO passes over each epoch's samples (read by the trainer).
+    timestep_fraction: fraction of the T steps trained per sample (ceil(T * fraction)).
+    stat_buffer_size: per-prompt reward ring-buffer length (``advantages``).
+    stat_min_count: values a prompt needs before it uses its own statistics.
+  """
+  trainable: str = "lora"
+  lora_rank: int = 4
+  lora_alpha: float = 4.0
+  lora_target_regex: str = lora.DEFAULT_TARGET_REGEX
+  learning_rate: float = 3e-4
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  weight_decay: float = 1e-4
+  max_grad_norm: float = 1.0
+  clip_range: float = 1e-4
+  adv_clip_max: float = 5.0
+  num_inner_epochs: int = 1
+  timestep_fraction: float = 1.0
+  stat_buffer_size: int = 16
+  stat_min_count: int = 4
+
+  def __post_init__(self):
+    problems = []
+    if self.trainable not in TRAINABLE_SETS:
+      problems.append(f"trainable={self.trainable!r} (expected one of {TRAINABLE_SETS})")
+    for name in ("learning_rate", "adam_eps", "max_grad_norm", "clip_range", "adv_clip_max"):
+      if not getattr(self, name) > 0:
+        problems.append(f"{name}={getattr(self, name)!r} (expected > 0)")
+    for name in ("adam_b1", "adam_b2"):
+      if not 0 <= getattr(self, name) < 1:
+        problems.append(f"{name}={getattr(self, name)!r} (expected in [0, 1))")
+    if not self.weight_decay >= 0:
+      problems.append(f"weight_decay={self.weight_decay!r} (expected >= 0)")
+    if not 0 < self.timestep_fraction <= 1:
+      problems.append(f"timestep_fraction={self.timestep_fraction!r} (expected in (0, 1])")
+    for name in ("lora_rank", "num_inner_epochs", "stat_buffer_size", "stat_min_count"):
+      value = getattr(self, name)
+      if int(value) != value or value < 1:
+        problems.append(f"{name}={value!r} (expected an integer >= 1)")
+    if self.stat_min_count > self.stat_buffer_size:
+      problems.append(f"stat_min_count={self.stat_min_count} > stat_buffer_size="
+                      f"{self.stat_buffer_size} (a prompt could never use its own statistics)")
+    if problems:
+      raise ValueError("Bad ppo config: " + "; ".join(problems) + ".")
+
+  @classmethod
+  def from_config(cls, config: Any) -> "PPOConfig":
+    """Builds it from a ``ConfigDict``/mapping (e.g. ``config.ppo``) or returns a PPOConfig.
+
+    Raises:
+      ValueError: unknown field names (listed), or values out of range.
+    """
+    if isinstance(config, cls):
+      return config
+    values = dict(config.items() if hasattr(config, "items") else config)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"Unknown ppo config fields {unknown}; known fields: {sorted(known)}.")
+    return cls(**values)
+
+
+def num_trained_timesteps(num_steps: int, timestep_fraction: float) -> int:
+  """ceil(T * fraction) timesteps trained per sample (robust to float error), >= 1."""
+  return max(1, math.ceil(round(num_steps * timestep_fraction, 6)))
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+
+def ppo_loss(log_probs_new: jnp.ndarray, log_probs_old: jnp.ndarray, advantages: jnp.ndarray,
+             clip_range: float, adv_clip_max: float
+             ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+  """The clipped PPO surrogate of a batch of (sample, step) log-probs.
+
+  Args:
+    log_probs_new: (...) float, log-probs under the current policy.
+    log_probs_old: (...) float, log-probs under the sampling policy (same shape).
+    advantages: (...) float, broadcastable to the log-probs (e.g. (B,) with (B,) log-probs).
+    clip_range: epsilon; the ratio is clipped to [1 - eps, 1 + eps].
+    adv_clip_max: advantages are clipped to [-adv_clip_max, adv_clip_max] first.
+
+  Returns:
+    ``(loss, metrics)``: loss = mean(max(-A r, -A clip(r, 1-eps, 1+eps))) with
+    r = exp(new - old), a float32 scalar; metrics ``loss``, ``approx_kl`` =
+    0.5 mean((new - old)^2) and ``clipfrac`` = mean(|r - 1| > eps), float32 scalars.
+  """
+  log_probs_new = jnp.asarray(log_probs_new, jnp.float32)
+  log_probs_old = jnp.asarray(log_probs_old, jnp.float32)
+  adv = jnp.clip(jnp.asarray(advantages, jnp.float32), -adv_clip_max, adv_clip_max)
+  adv = jnp.broadcast_to(adv, log_probs_new.shape)
+  delta = log_probs_new - log_probs_old
+  ratio = jnp.exp(delta)
+  unclipped = -adv * ratio
+  clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
+  loss = jnp.mean(jnp.maximum(unclipped, clipped))
+  metrics = {
+      "loss": loss,
+      "approx_kl": 0.5 * jnp.mean(jax.lax.stop_gradient(delta)**2),
+      "clipfrac": jnp.mean((jnp.abs(jax.lax.stop_gradient(ratio) - 1.0) > clip_range)
+                           .astype(jnp.float32)),
+  }
+  return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and state
+# --------------------------------------------------------------------------------------------
+
+
+def make_optimizer(ppo_config: Any) -> optax.GradientTransformation:
+  """clip_by_global_norm(max_grad_norm) then AdamW, all values from the ppo config."""
+  c = PPOConfig.from_config(ppo_config)
+  return optax.chain(
+      optax.clip_by_global_norm(c.max_grad_norm),
+      optax.adamw(c.learning_rate, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps,
+                  weight_decay=c.weight_decay))
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What the PPO update changes (donated to the train step).
+
+  Attributes:
+    step: () int32, optimizer updates applied (skipped non-finite updates do not count).
+    params: the trainable tree: the whole UNet ``params`` ("full") or the LoRA tree ("lora").
+    opt_state: optax state of ``params`` only.
+    nonfinite_count: () int32, consecutive skipped (non-finite) updates; 0 after a good one.
+  """
+  step: jnp.ndarray
+  params: Params
+  opt_state: optax.OptState
+  nonfinite_count: jnp.ndarray
+
+
+def init_train_state(key: jax.Array, unet_params: Params, ppo_config: Any,
+                     optimizer: Optional[optax.GradientTransformation] = None
+                     ) -> Tuple[TrainState, Optional[Params]]:
+  """The initial train state and the frozen params the step needs.
+
+  Args:
+    key: PRNG key (initialises the LoRA ``down`` matrices; unused for "full").
+    unet_params: the UNet ``params`` collection.
+    ppo_config: ``PPOConfig`` or the ``ppo`` ConfigDict.
+    optimizer: overrides :func:`make_optimizer` (e.g. a schedule or plain SGD).
+
+  Returns:
+    ``(state, frozen_params)``. "lora": state.params is a fresh LoRA tree and
+    ``frozen_params`` is ``unet_params``; "full": state.params is a copy of ``unet_params``
+    (so donating the state never deletes the caller's arrays) and ``frozen_params`` is None.
+  """
+  c = PPOConfig.from_config(ppo_config)
+  tx = make_optimizer(c) if optimizer is None else optimizer
+  if c.trainable == "lora":
+    trainable = lora.init_lora(key, unet_params, c.lora_rank, c.lora_target_regex)
+    frozen = unet_params
+  else:
+    trainable = jax.tree.map(jnp.array, unet_params)  # jnp.array copies
+    frozen = None
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                     opt_state=tx.init(trainable), nonfinite_count=jnp.zeros((), jnp.int32))
+  return state, frozen
+
+
+def policy_params(trainable_params: Params, frozen_params: Optional[Params],
+                  ppo_config: Any) -> Params:
+  """The UNet params of the current policy (LoRA merged into the frozen base for "lora").
+
+  Jit-able; use it to sample with the current policy and to export.
+  """
+  c = PPOConfig.from_config(ppo_config)
+  if c.trainable == "full":
+    return trainable_params
+  if frozen_params is None:
+    raise ValueError("trainable='lora' needs the frozen UNet params; got None.")
+  return lora.merge_lora(frozen_params, trainable_params, c.lora_alpha)
+
+
+def train_state_shardings(state: TrainState, mesh: Mesh, rules: Any = None) -> TrainState:
+  """Shardings of a TrainState: params by path-regex rules, moments follow, scalars replicated.
+
+  Args:
+    state: a TrainState of arrays or ShapeDtypeStructs (``jax.eval_shape`` of init).
+    mesh: the ('data', 'fsdp') mesh.
+    rules: ``parallel`` sharding rules (default ``parallel.default_sharding_rules()``).
+
+  Returns:
+    A TrainState whose leaves are ``NamedSharding`` (pass it to :func:`make_train_step`
+    and to ``parallel.shard_params``).
+  """
+  params = parallel.param_shardings(state.params, mesh, rules)
+  return TrainState(
+      step=parallel.replicated(mesh), params=params,
+      opt_state=parallel.opt_state_shardings(state.opt_state, state.params, params, mesh),
+      nonfinite_count=parallel.replicated(mesh))
+
+
+# --------------------------------------------------------------------------------------------
+# Batch, gradients, train step
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class PPOBatch:
+  """One PPO minibatch of stored trajectories.
+
+  Attributes:
+    cond: conditioning of the B edits (as sampled).
+    latents: (B, T+1, h, w, c) float32 chain x_T ... x_0 (``Trajectory.latents``).
+    log_probs: (B, T) float32 log-probs of the sampling policy.
+    advantages: (B,) float32 normalised advantages (clipped inside the loss).
+    timesteps: (T,) int32 diffusion timesteps, noisiest first (``Trajectory.timesteps``).
+    guidance: the guidance scales used when sampling.
+  """
+  cond: sampling.EditConditioning
+  latents: jnp.ndarray
+  log_probs: jnp.ndarray
+  advantages: jnp.ndarray
+  timesteps: jnp.ndarray
+  guidance: sampling.Guidance
+
+
+def _check_batch(batch: PPOBatch, sampler_config: sampling.SamplerConfig) -> None:
+  b, t1 = batch.latents.shape[:2]
+  t = sampler_config.num_steps
+  want = {"latents": (b, t + 1), "log_probs": (b, t), "advantages": (b,), "timesteps": (t,)}
+  got = {"latents": (b, t1), "log_probs": batch.log_probs.shape,
+         "advantages": batch.advantages.shape, "timesteps": batch.timesteps.shape}
+  bad = [f"{k} {got[k]} (expected {want[k]})" for k in want if tuple(got[k]) != want[k]]
+  if bad:
+    raise ValueError(f"PPOBatch does not fit B={b}, T=sampler num_steps={t}: " + ", ".join(bad)
+                     + ". Build it from a Trajectory sampled with the same SamplerConfig.")
+
+
+def _per_sample_index(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+  """x (B, T, ...) and index (B,) int -> (B, ...) with row b = x[b, index[b]]."""
+  return jax.vmap(lambda row, i: jax.lax.dynamic_index_in_dim(row, i, keepdims=False))(
+      x, index)
+
+
+def shuffled_timestep_indices(key: jax.Array, batch_size: int, num_steps: int,
+                              num_trained: int) -> jnp.ndarray:
+  """(B, num_trained) int32: the first positions of an independent permutation of
+  range(num_steps) per sample."""
+  keys = jax.random.split(key, batch_size)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, num_steps))(keys)
+  return perms[:, :num_trained].astype(jnp.int32)
+
+
+def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampling.SamplerConfig,
+                  ppo_config: Any, trainable_params: Params, frozen_params: Optional[Params],
+                  batch: PPOBatch, key: jax.Array) -> Tuple[Params, Dict[str, jnp.ndarray]]:
+  """Mean PPO gradient over a minibatch's shuffled timesteps, in one ``lax.scan`` (jit it).
+
+  Args:
+    unet: the UNet module.
+    schedule: DDIM schedule.
+    sampler_config: the sampler's config (T = num_steps, eta).
+    ppo_config: ``PPOConfig`` or ConfigDict.
+    trainable_params: UNet params ("full") or LoRA tree ("lora").
+    frozen_params: the frozen UNet params ("lora") or None ("full").
+    batch: the minibatch.
+    key: PRNG key for the per-sample timestep permutations.
+
+  Returns:
+    ``(grads, metrics)``: grads (float32, structure of ``trainable_params``) of the loss
+    averaged over the K = ceil(T * timestep_fraction) visited positions (each a mean over
+    the B samples); metrics ``loss``, ``approx_kl``, ``clipfrac`` averaged the same way.
+  """
+  c = PPOConfig.from_config(ppo_config)
+  _check_batch(batch, sampler_config)
+  batch_size, num_steps = batch.log_probs.shape
+  num_trained = num_trained_timesteps(num_steps, c.timestep_fraction)
+  step_ratio = schedule.step_ratio(num_steps)
+  order = shuffled_timestep_indices(key, batch_size, num_steps, num_trained)  # (B, K)
+
+  def loss_at(params, index):
+    latents = _per_sample_index(batch.latents, index)
+    next_latents = _per_sample_index(batch.latents, index + 1)
+    old = _per_sample_index(batch.log_probs, index)
+    timestep = batch.timesteps[index]
+    unet_params = policy_params(params, frozen_params, c)
+    new = sampling.rescore_step(unet, unet_params, schedule, batch.cond, batch.guidance,
+                                latents, next_latents, timestep, timestep - step_ratio,
+                                sampler_config.eta)
+    return ppo_loss(new, old, batch.advantages, c.clip_range, c.adv_clip_max)
+
+  grad_fn = jax.value_and_grad(loss_at, has_aux=True)
+
+  def body(carry, index):
+    grad_sum, metric_sum = carry
+    (_, metrics), grads = grad_fn(trainable_params, index)
+    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+    metric_sum = jax.tree.map(jnp.add, metric_sum, metrics)
+    return (grad_sum, metric_sum), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), trainable_params)
+  metric_zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "approx_kl", "clipfrac")}
+  (grad_sum, metric_sum), _ = jax.lax.scan(body, (zeros, metric_zeros), order.T)
+  scale = 1.0 / num_trained
+  return (jax.tree.map(lambda g: g * scale, grad_sum),
+          {k: v * scale for k, v in metric_sum.items()})
+
+
+def apply_gradients(state: TrainState, grads: Params, loss: jnp.ndarray,
+                    tx: optax.GradientTransformation, inputs_finite: Any = True
+                    ) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
+  """One optax update, skipped (state unchanged but the count) if anything is non-finite.
+
+  Args:
+    state: the train state.
+    grads: gradients, structure of ``state.params``.
+    loss: () the loss they come from.
+    tx: the optimizer the state was made with.
+    inputs_finite: () bool, False also skips (e.g. a NaN or inf advantage, which the
+      advantage clipping would otherwise turn into a finite +-adv_clip_max).
+
+  Returns:
+    ``(state, metrics)`` with ``grad_norm`` (global norm before clipping), ``nonfinite``
+    (1.0 if skipped) and ``nonfinite_count`` (consecutive skips, float32).
+  """
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.asarray(inputs_finite, bool)
+  safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+  updates, new_opt_state = tx.update(safe_grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jnp.where(finite, new, old)
+  count = jnp.where(finite, 0, state.nonfinite_count + 1).astype(jnp.int32)
+  new_state = TrainState(
+      step=state.step + finite.astype(jnp.int32),
+      params=jax.tree.map(keep, new_params, state.params),
+      opt_state=jax.tree.map(keep, new_opt_state, state.opt_state),
+      nonfinite_count=count)
+  metrics = {"grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32),
+             "nonfinite_count": count.astype(jnp.float32)}
+  return new_state, metrics
+
+
+def batch_shardings(mesh: Mesh) -> PPOBatch:
+  """PPOBatch of shardings: per-sample arrays split over the mesh's batch axes, the rest
+  (timesteps, guidance scales) replicated."""
+  split = parallel.batch_sharding(mesh)
+  full = parallel.replicated(mesh)
+  return PPOBatch(cond=split, latents=split, log_probs=split, advantages=split,
+                  timesteps=full, guidance=full)
+
+
+def make_train_step(
+    unet: Any,
+    schedule: ddim.DDIMSchedule,
+    sampler_config: sampling.SamplerConfig,
+    ppo_config: Any,
+    mesh: Optional[Mesh] = None,
+    state_shardings: Optional[TrainState] = None,
+    frozen_shardings: Any = None,
+    optimizer: Optional[optax.GradientTransformation] = None,
+) -> Callable[..., Tuple[TrainState, Dict[str, jnp.ndarray]]]:
+  """The jitted ``train_step(state, frozen_unet_params, batch, key) -> (state, metrics)``.
+
+  One call = one PPO minibatch update (see the module docstring). The state is donated:
+  do not use the passed ``state`` afterwards. Metrics (float32 scalars): ``loss``,
+  ``approx_kl``, ``clipfrac``, ``grad_norm``, ``nonfinite``, ``nonfinite_count``.
+
+  Args:
+    unet: the UNet module.
+    schedule: DDIM schedule.
+    sampler_config: the sampler's config (T and eta must match the trajectories).
+    ppo_config: ``PPOConfig`` or the ``ppo`` ConfigDict.
+    mesh: optional ('data', 'fsdp') mesh: the batch is split over its batch axes
+      (``parallel.batch_sharding``), state and frozen params placed as given.
+    state_shardings: TrainState of shardings (:func:`train_state_shardings`); default
+      replicated.
+    frozen_shardings: shardings of the frozen UNet params ("lora"); default replicated.
+    optimizer: overrides :func:`make_optimizer`; must be the one the state was made with.
+
+  Returns:
+    The jitted step. ``frozen_unet_params`` is None for trainable="full".
+  """
+  c = PPOConfig.from_config(ppo_config)
+  tx = make_optimizer(c) if optimizer is None else optimizer
+
+  def train_step(state, frozen_unet_params, batch, key):
+    if c.trainable == "lora" and frozen_unet_params is None:
+      raise ValueError("trainable='lora': pass the frozen UNet params as the second argument.")
+    grads, metrics = ppo_gradients(unet, schedule, sampler_config, c, state.params,
+                                   frozen_unet_params, batch, key)
+    inputs_finite = jnp.all(jnp.isfinite(batch.advantages))
+    state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, inputs_finite)
+    return state, {**metrics, **update_metrics}
+
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=(0,))
+  full = parallel.replicated(mesh)
+  state_in = full if state_shardings is None else state_shardings
+  frozen_in = full if frozen_shardings is None else frozen_shardings
+  return jax.jit(train_step, donate_argnums=(0,),
+                 in_shardings=(state_in, frozen_in, batch_shardings(mesh), full),
+                 out_shardings=(state_in, full))
