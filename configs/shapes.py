@@ -20,6 +20,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ---- models -------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.pretrained = ""  # a diffusers pipeline folder or hub id; overrides the dicts below
+  c.model.stages_dir = ""  # supervised stages (vae/, clip/, unet/); "" = the workdir's parent
   c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators); params stay float32
   c.model.remat = False
   c.model.unet = dict(
@@ -80,13 +81,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.reward.attention_distance = "kl"  # "l1", "l2", "kl" (region || map) or "soft_iou"
   c.reward.attention_last_steps = 0  # 0: average maps over all steps; k: the last k
   c.reward.clip_directional = False
+  c.reward.clip_model = ""  # CLIPModel folder/hub id for pretrained editors ("" = tiny stage CLIP)
+  c.reward.clip_text = "caption"  # "caption" (target caption) or "instruction" (no captions)
   c.reward.extra = ml_collections.ConfigDict()  # registered reward name -> weight
+  c.reward.modules = ""  # comma-separated modules to import that register extra rewards
 
   # ---- PPO ------------------------------------------------------------------------------
   c.ppo = ml_collections.ConfigDict()
   c.ppo.trainable = "lora"  # "lora" (attention projections) or "full"
   c.ppo.lora_rank = 4
   c.ppo.lora_alpha = 4.0
+  # which UNet kernels get adapters (regex over "/"-joined param paths): q/k/v/out of attn1/attn2
+  c.ppo.lora_target_regex = r"(^|/)attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"
   c.ppo.learning_rate = 3e-4
   c.ppo.adam_b1 = 0.9
   c.ppo.adam_b2 = 0.999

@@ -23,9 +23,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from rl4pix_jax import ddim
+from rl4pix_jax import ddim, parallel
 from rl4pix_jax.models import unet as unet_lib
 
 Params = Any
@@ -273,7 +273,7 @@ def make_trajectory_sampler(
   """Returns ``fn(params, cond, key, guidance, initial_latents=None) -> Trajectory``, jitted.
 
   With a mesh, the batch (conditioning, initial latents, every per-example output) is
-  sharded over its 'data' axis and the params are placed as ``param_shardings`` says
+  split over its batch axes (``parallel.batch_sharding``: 'data' and 'fsdp') and the params are placed as ``param_shardings`` says
   (replicated by default); the PRNG key and guidance scales are replicated. The same
   global batch and key give the same trajectory on any number of devices.
   """
@@ -284,8 +284,8 @@ def make_trajectory_sampler(
 
   if mesh is None:
     return jax.jit(fn)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch = NamedSharding(mesh, PartitionSpec("data"))
+  replicated = parallel.replicated(mesh)
+  batch = parallel.batch_sharding(mesh)
   params_sharding = replicated if param_shardings is None else param_shardings
   out = Trajectory(latents=batch, log_probs=batch, timesteps=replicated,
                    attention_maps=batch if config.record_attention else None,

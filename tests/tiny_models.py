@@ -65,3 +65,19 @@ def save_tiny_diffusers_pipeline(folder: str, seed: int = 0) -> None:
       scheduler=scheduler, safety_checker=None, feature_extractor=None,
       requires_safety_checker=False)
   pipe.save_pretrained(folder)
+
+
+def save_tiny_clip_model(folder: str, seed: int = 0) -> None:
+  """Writes a tiny random transformers CLIPModel (32 px images, real CLIP vocabulary)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(seed)
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37,
+                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                       bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+      vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=1, num_attention_heads=2),
+      projection_dim=16)
+  transformers.CLIPModel(config).save_pretrained(folder)

@@ -1,0 +1,130 @@
+"""What a run starts from: models, parameters, tokenizer, reward CLIP and the data iterator.
+
+Two sources of the editor, chosen by ``config.model.pretrained``:
+  - a diffusers InstructPix2Pix folder or hub id (e.g. ``timbrooks/instruct-pix2pix``); the
+    CLIP reward then needs ``config.reward.clip_model`` (a transformers CLIPModel folder or
+    hub id, e.g. ``openai/clip-vit-large-patch14``);
+  - empty (the embedded default): the tiny models trained by ``launch.pretrain`` in the
+    stages folder ``config.model.stages_dir`` (default: the parent of the RL workdir), i.e.
+    ``<stages>/vae``, ``<stages>/clip`` and ``<stages>/unet``; the reward uses that CLIP.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from rl4pix_jax import pipeline
+from rl4pix_jax.data import loader as loader_lib
+from rl4pix_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from rl4pix_jax.models.clip import CLIPVisionModel
+from rl4pix_jax.models.unet import UNetConfig
+from rl4pix_jax.models.vae import VAEConfig
+from rl4pix_jax.tokenizer import load_clip_tokenizer
+from rl4pix_jax.trainer import RLSetup
+from rl4pix_jax.weights import folders, transformers_clip
+
+
+def stages_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Folder of the supervised stages (and the default data): config or the workdir's parent."""
+  configured = config.model.get("stages_dir", "")
+  return configured or os.path.dirname(os.path.abspath(workdir.rstrip("/")))
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.data.data_dir or os.path.join(stages_dir(config, workdir), "data")
+
+
+def _reward_clip(config: ml_collections.ConfigDict):
+  """(text model, vision model, params) of ``config.reward.clip_model``, or Nones."""
+  if not config.reward.clip_weight:
+    return None, None, None
+  source = config.reward.get("clip_model", "")
+  if not source:
+    raise ValueError("config.reward.clip_weight > 0 with a pretrained editor needs "
+                     "--config.reward.clip_model=<transformers CLIPModel folder or hub id, "
+                     "e.g. openai/clip-vit-large-patch14>, or --config.reward.clip_weight=0.")
+  loaded = transformers_clip.load_clip(folders.resolve_pretrained(source))
+  return (CLIPTextModel(loaded.text_config), CLIPVisionModel(loaded.vision_config),
+          {"text": loaded.text_params, "vision": loaded.vision_params})
+
+
+def models_from_stage_configs(model_config: ml_collections.ConfigDict, unet: dict, vae: dict,
+                              text: dict, dtype: Any, remat: bool) -> pipeline.EditorModels:
+  """EditorModels from diffusers/transformers-style config dicts (the shapes default)."""
+  return pipeline.build_models(
+      UNetConfig.from_dict(unet), VAEConfig.from_dict(vae),
+      CLIPTextConfig.from_transformers(dict(text), projection_dim=text.get("projection_dim")),
+      model_config.scheduler, dtype, remat)
+
+
+def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLSetup:
+  """Builds the RL starting point described in the module docstring."""
+  dtype = pipeline.compute_dtype(config.model.dtype)
+  if config.model.pretrained:
+    models, params, tokenizer = pipeline.load_diffusers_editor(
+        config.model.pretrained, dtype, config.model.remat)
+    text_model, vision_model, clip_params = _reward_clip(config)
+    return RLSetup(models, params, tokenizer, text_model, vision_model, clip_params)
+  from rl4pix_jax.pretrain import stage_checkpoint  # pylint: disable=import-outside-toplevel
+  root = stages_dir(config, workdir)
+  vae_params, vae_meta = stage_checkpoint.latest_stage_params(root, "vae")
+  clip_params, clip_meta = stage_checkpoint.latest_stage_params(root, "clip")
+  unet_params, unet_meta = stage_checkpoint.latest_stage_params(root, "unet")
+  vae_config = dict(vae_meta["vae"])
+  models = models_from_stage_configs(config.model, unet_meta["unet"], vae_config,
+                                     clip_meta["text_encoder"], dtype, config.model.remat)
+  params = pipeline.EditorParams(unet=unet_params, vae=vae_params,
+                                 text_encoder=clip_params["text"])
+  vision_config = CLIPVisionConfig.from_transformers(
+      dict(clip_meta["vision_encoder"]),
+      projection_dim=clip_meta["vision_encoder"].get("projection_dim"))
+  return RLSetup(models=models, params=params, tokenizer=load_clip_tokenizer(),
+                 clip_text_model=models.text_encoder,
+                 clip_vision_model=CLIPVisionModel(vision_config, dtype=dtype),
+                 clip_params=clip_params)
+
+
+def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The prepared dataset folder; builds shapes_edit on first use (MagicBrush must exist)."""
+  root = data_dir(config, workdir)
+  name = config.data.dataset
+  if name == "shapes_edit":
+    from rl4pix_jax.data import shapes_edit_builder  # pylint: disable=import-outside-toplevel
+    builder = shapes_edit_builder.make_builder(
+        root, config.resolution, config.data.train_size, config.data.validation_size,
+        config.data.test_size, config.seed)
+    builder.download_and_prepare()  # a no-op when already prepared
+    return os.fspath(builder.data_dir)
+  if name == "magicbrush":
+    return loader_lib.find_dataset_dir(root, name, config.data.get("config_name") or None)
+  raise ValueError(f"config.data.dataset={name!r}: use 'shapes_edit' or 'magicbrush'.")
+
+
+def make_iterator(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any,
+                  split: str, batch_size: int, shuffle: bool = True,
+                  num_epochs: Optional[int] = None) -> loader_lib.EditBatchIterator:
+  """A grain iterator over ``split`` yielding this process's share of ``batch_size``."""
+  if batch_size % jax.process_count():
+    raise ValueError(f"Batch size {batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes.")
+  source = loader_lib.open_split(prepare_dataset(config, workdir), split)
+  loader_config = loader_lib.LoaderConfig(
+      batch_size=batch_size // jax.process_count(), resolution=config.resolution,
+      seed=config.seed, shuffle=shuffle, num_epochs=num_epochs,
+      max_object_tokens=config.data.max_object_tokens,
+      skip_bad_records=config.data.skip_bad_records, num_threads=config.data.num_threads,
+      drop_remainder=num_epochs is None)
+  return loader_lib.make_edit_iterator(source, tokenizer, loader_config,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, workdir: str,
+                        tokenizer: Any) -> loader_lib.EditBatchIterator:
+  """The RL stage's iterator: shuffled, repeating, ``train.sample_batch_size`` per call."""
+  return make_iterator(config, workdir, tokenizer, config.data.get("split", "train"),
+                       config.train.sample_batch_size)

@@ -1,0 +1,441 @@
+"""The RL loop: sample -> decode -> reward -> advantages -> PPO epochs -> log -> checkpoint.
+
+One epoch draws ``train.num_sample_batches`` batches of ``train.sample_batch_size`` edits,
+samples a guided trajectory for each with the current policy, scores the decoded edits,
+normalises rewards per prompt (per dataset example), and runs ``ppo.num_inner_epochs``
+passes of minibatch PPO updates over the stored trajectories. Every piece of state that
+decides the next numbers (train state, epoch, per-prompt statistics, data-iterator
+position) is checkpointed, and all randomness is derived from ``config.seed`` and the epoch,
+so a killed run restarted with the same command continues to the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+import tqdm
+
+from rl4pix_jax import advantages as advantages_lib
+from rl4pix_jax import checkpointing, parallel, pipeline, ppo, sampling, visualize
+from rl4pix_jax.rewards import RewardInputs, make_reward_fn
+from rl4pix_jax.rewards.reference import reference_attention_maps
+from rl4pix_jax.tokenizer import tokenize
+
+
+class TrainingError(RuntimeError):
+  """The run cannot continue (inconsistent config, repeated non-finite updates, ...)."""
+
+
+@dataclasses.dataclass
+class RLSetup:
+  """What the RL stage starts from.
+
+  Attributes:
+    models: the editor modules.
+    params: the initial editor parameters (the UNet is the policy's starting point).
+    tokenizer: the CLIP tokenizer of the text encoder.
+    clip_text_model, clip_vision_model: CLIP towers with projections for the CLIP reward
+      (None when the reward does not use CLIP).
+    clip_params: {"text": ..., "vision": ...} or None.
+  """
+  models: pipeline.EditorModels
+  params: pipeline.EditorParams
+  tokenizer: Any
+  clip_text_model: Any = None
+  clip_vision_model: Any = None
+  clip_params: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchArithmetic:
+  """The per-epoch sizes, validated against the device and process counts."""
+  sample_batch_size: int
+  num_sample_batches: int
+  samples_per_epoch: int
+  train_batch_size: int
+  minibatches_per_inner_epoch: int
+  num_inner_epochs: int
+  updates_per_epoch: int
+  per_process_sample_batch: int
+  batch_devices: int
+
+  def describe(self) -> str:
+    return (f"{self.samples_per_epoch} samples per epoch = {self.num_sample_batches} sampling "
+            f"calls x {self.sample_batch_size} (global; {self.per_process_sample_batch} per "
+            f"process, split over {self.batch_devices} devices); {self.num_inner_epochs} inner "
+            f"epoch(s) x {self.minibatches_per_inner_epoch} minibatches of "
+            f"{self.train_batch_size} = {self.updates_per_epoch} optimizer updates per epoch")
+
+
+def batch_arithmetic(config: ml_collections.ConfigDict, batch_devices: int,
+                     process_count: int) -> BatchArithmetic:
+  """Checks that the batch sizes fit each other and the mesh; names the numbers if not."""
+  t = config.train
+  problems = []
+  samples = t.sample_batch_size * t.num_sample_batches
+  if t.sample_batch_size % batch_devices:
+    problems.append(f"train.sample_batch_size={t.sample_batch_size} is not divisible by the "
+                    f"{batch_devices} devices the batch is split over")
+  if t.train_batch_size % batch_devices:
+    problems.append(f"train.train_batch_size={t.train_batch_size} is not divisible by the "
+                    f"{batch_devices} devices the batch is split over")
+  if samples % t.train_batch_size:
+    problems.append(f"samples per epoch = train.sample_batch_size x train.num_sample_batches "
+                    f"= {t.sample_batch_size} x {t.num_sample_batches} = {samples} is not "
+                    f"divisible by train.train_batch_size={t.train_batch_size}")
+  if t.sample_batch_size % process_count:
+    problems.append(f"train.sample_batch_size={t.sample_batch_size} is not divisible by the "
+                    f"{process_count} processes")
+  if problems:
+    raise TrainingError("Inconsistent batch sizes: " + "; ".join(problems) + ".")
+  minibatches = samples // t.train_batch_size
+  return BatchArithmetic(
+      sample_batch_size=t.sample_batch_size, num_sample_batches=t.num_sample_batches,
+      samples_per_epoch=samples, train_batch_size=t.train_batch_size,
+      minibatches_per_inner_epoch=minibatches, num_inner_epochs=config.ppo.num_inner_epochs,
+      updates_per_epoch=minibatches * config.ppo.num_inner_epochs,
+      per_process_sample_batch=t.sample_batch_size // process_count,
+      batch_devices=batch_devices)
+
+
+def sampler_config_from(config: ml_collections.ConfigDict) -> sampling.SamplerConfig:
+  capture = config.sampler.get("capture_size", None)
+  return sampling.SamplerConfig(num_steps=config.sampler.num_steps, eta=config.sampler.eta,
+                                capture_size=capture if capture else None,
+                                record_attention=True)
+
+
+class _Preemption:
+  """Turns SIGTERM (TPU maintenance, SLURM time limit) into a flag checked between epochs."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):  # pylint: disable=unused-argument
+      logging.warning("SIGTERM received: checkpointing after this epoch, then stopping.")
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. inside some test runners)
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host(x) -> np.ndarray:
+  """A global array (possibly spanning processes) as a full numpy array on every host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+class MetricsLog:
+  """metrics.jsonl + TensorBoard (process 0 only); truncates epochs >= a resume point."""
+
+  def __init__(self, workdir: str, start_epoch: int, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.writer = None
+    if not enabled:
+      return
+    if os.path.exists(self.path):  # drop what a killed run logged after its checkpoint
+      with open(self.path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch]
+      with open(self.path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, epoch: int, metrics: Dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"epoch": epoch, **metrics}, sort_keys=True) + "\n")
+    for name, value in metrics.items():
+      self.writer.add_scalar(name, value, epoch)
+    self.writer.flush()
+
+  def read(self) -> List[dict]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+def sample_grid(sources: np.ndarray, edits: np.ndarray, maps: np.ndarray,
+                instructions: List[str], epoch: int, limit: int = 8) -> Image.Image:
+  """PNG grid: source | edit | attention overlay on the edit, with the instruction."""
+  rows, captions = [], []
+  for i in range(min(limit, len(sources))):
+    source = np.round(sources[i] * 255).astype(np.uint8)
+    edit = np.round(edits[i] * 255).astype(np.uint8)
+    rows.append([source, edit, visualize.attention_overlay(edit, maps[i])])
+    captions.append(instructions[i])
+  return visualize.captioned_grid(rows, captions, ["source", "edit", "target-token attention"],
+                                  title=f"epoch {epoch}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
+          data_iterator: Any, stop_after_epochs: Optional[int] = None,
+          on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None
+          ) -> List[dict]:
+  """Runs (or resumes) the RL stage in ``workdir``.
+
+  Args:
+    config: the full run config (sections sampler, reward, ppo, train, mesh, seed).
+    workdir: run folder: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, ``samples/``,
+      ``config.json``.
+    setup: models, initial params, tokenizer and reward CLIP.
+    data_iterator: a ``loader.EditBatchIterator`` (or anything with ``__next__``,
+      ``get_state`` and ``set_state``) yielding per-process batches of
+      ``train.sample_batch_size / process_count`` examples.
+    stop_after_epochs: stop (with a checkpoint) after this many epochs of this call, for
+      tests and staged runs; None runs to ``train.num_epochs``.
+    on_epoch_end: optional callback(epoch, metrics).
+  Returns:
+    The metrics of every epoch logged so far (from metrics.jsonl).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = parallel.make_mesh_from_config(config.mesh)
+  batch_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  sizes = batch_arithmetic(config, batch_devices, jax.process_count())
+  logging.info("Batch arithmetic: %s", sizes.describe())
+  if is_main:
+    print(f"[rl4pix_jax] {sizes.describe()}", flush=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  models, tokenizer = setup.models, setup.tokenizer
+  sampler_config = sampler_config_from(config)
+  guidance = sampling.Guidance(jnp.float32(config.sampler.guidance_scale),
+                               jnp.float32(config.sampler.image_guidance_scale))
+  replicated = parallel.replicated(mesh)
+  split = parallel.batch_sharding(mesh)
+
+  # ---- state -----------------------------------------------------------------------------
+  base_key = jax.random.PRNGKey(config.seed)
+  replicate = lambda tree: parallel.shard_params(
+      tree, jax.tree_util.tree_map(lambda _: replicated, tree))
+  unet_params = replicate(setup.params.unet)
+  state, frozen = ppo.init_train_state(jax.random.fold_in(base_key, 1), unet_params,
+                                       config.ppo)
+  state = replicate(state)
+  tracker = advantages_lib.PerPromptStatTracker(config.ppo.stat_buffer_size,
+                                                config.ppo.stat_min_count)
+  checkpointer = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
+                                               keep=config.train.keep_checkpoints)
+  start_epoch = 0
+  if checkpointer.latest_epoch() is not None:
+    state, host = checkpointer.restore(state)
+    start_epoch = int(host["epoch"]) + 1
+    tracker = advantages_lib.PerPromptStatTracker.from_state_dict(host["tracker"])
+    data_iterator.set_state(host["data"])
+    logging.info("Resumed from the checkpoint of epoch %d.", host["epoch"])
+    if is_main:
+      print(f"[rl4pix_jax] resumed after epoch {host['epoch']}", flush=True)
+  log = MetricsLog(workdir, start_epoch, is_main)
+
+  # ---- compiled functions ----------------------------------------------------------------
+  frozen_params = setup.params
+  sampler = sampling.make_trajectory_sampler(models.unet, models.schedule, sampler_config, mesh)
+  train_step = ppo.make_train_step(models.unet, models.schedule, sampler_config, config.ppo,
+                                   mesh)
+  reward_fn = jax.jit(make_reward_fn(config.reward, setup.clip_text_model,
+                                     setup.clip_vision_model))
+  policy = jax.jit(lambda trainable, base: ppo.policy_params(trainable, base, config.ppo),
+                   out_shardings=replicated)
+  uncond_ids = jnp.asarray(tokenize(tokenizer, [""]))
+
+  @jax.jit
+  def encode(params, arrays):
+    batch = arrays["input_ids"].shape[0]
+    uncond = pipeline.encode_text(models, params, uncond_ids)
+    return sampling.EditConditioning(
+        text_embeds=pipeline.encode_text(models, params, arrays["input_ids"]),
+        uncond_text_embeds=jnp.broadcast_to(uncond, (batch,) + uncond.shape[1:]),
+        image_latents=pipeline.encode_images(models, params, arrays["source"]),
+        token_index=arrays["token_index"], token_mask=arrays["token_mask"])
+
+  decode = jax.jit(lambda params, latents: pipeline.decode_latents(models, params, latents))
+  use_reference = (config.reward.attention_weight != 0
+                   and config.reward.attention_region == "reference")
+  reference = None
+  if use_reference:
+    initial_unet = setup.params.unet
+    reference = jax.jit(lambda cond, key: reference_attention_maps(
+        models.unet, initial_unet, models.schedule, cond, key, sampler_config, guidance,
+        scaling_factor=models.vae_scaling_factor,
+        last_steps=config.reward.attention_last_steps))
+  reference_cache: Dict[int, np.ndarray] = {}
+
+  # ---- the loop --------------------------------------------------------------------------
+  end_epoch = config.train.num_epochs
+  if stop_after_epochs is not None:
+    end_epoch = min(end_epoch, start_epoch + stop_after_epochs)
+  progress = tqdm.tqdm(range(start_epoch, end_epoch), disable=not is_main, desc="RL epochs",
+                       initial=start_epoch, total=config.train.num_epochs)
+  with _Preemption() as preemption:
+    for epoch in progress:
+      epoch_start = time.perf_counter()
+      epoch_key = jax.random.fold_in(base_key, 1000 + epoch)
+      current_unet = (policy(state.params, frozen) if frozen is not None
+                      else state.params)
+      samples, rewards, components, example_ids, texts = [], [], {}, [], []
+      grid = None
+      for i in range(sizes.num_sample_batches):
+        batch = next(data_iterator)
+        arrays = parallel.global_batch_from_process_local(
+            {k: batch.arrays[k] for k in ("source", "mask", "input_ids", "token_index",
+                                          "token_mask", "caption_ids",
+                                          "source_caption_ids", "example_index")}, mesh)
+        cond = encode(frozen_params, arrays)
+        trajectory = sampler(current_unet, cond, jax.random.fold_in(epoch_key, i), guidance)
+        edited = decode(frozen_params, trajectory.final_latents)
+        source_01 = (arrays["source"] + 1.0) / 2.0
+        region = None
+        ids = _host(arrays["example_index"])
+        if use_reference:
+          missing = [int(j) for j in ids if int(j) not in reference_cache]
+          if missing:
+            maps = _host(reference(cond, jax.random.fold_in(base_key, 7)))
+            for j, m in zip(ids, maps):
+              reference_cache.setdefault(int(j), m)
+          region = jax.device_put(np.stack([reference_cache[int(j)] for j in ids]), split)
+        inputs = RewardInputs(
+            edited_images=edited, source_images=source_01, mask=arrays["mask"],
+            attention_maps=trajectory.attention_maps, reference_region=region,
+            caption_ids=arrays["caption_ids"], source_caption_ids=arrays["source_caption_ids"],
+            input_ids=arrays["input_ids"])
+        reward, parts = reward_fn(setup.clip_params, inputs)
+        samples.append((cond, trajectory))
+        rewards.append(_host(reward))
+        for name, value in parts.items():
+          components.setdefault(name, []).append(_host(value))
+        example_ids.append(ids)
+        texts.extend(batch.texts["instruction"])
+        if grid is None and is_main and config.train.image_every and (
+            epoch % config.train.image_every == 0 or epoch == end_epoch - 1):
+          grid = sample_grid(_host(source_01), _host(edited),
+                             _host(trajectory.attention_map_mean),
+                             list(batch.texts["instruction"]), epoch)
+      all_rewards = np.concatenate(rewards)
+      keys = [str(int(j)) for j in np.concatenate(example_ids)]
+      advantages = tracker.update(keys, all_rewards)
+
+      # Stored trajectories of the epoch, in sampling order, as one global batch.
+      cond_all = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs),
+                                        *[c for c, _ in samples])
+      latents = jnp.concatenate([t.latents for _, t in samples])
+      log_probs = jnp.concatenate([t.log_probs for _, t in samples])
+      timesteps = samples[0][1].timesteps
+      adv = jax.device_put(advantages.astype(np.float32), split)
+      step_metrics: List[Dict[str, float]] = []
+      for inner in range(config.ppo.num_inner_epochs):
+        perm = np.asarray(jax.random.permutation(
+            jax.random.fold_in(epoch_key, 10_000 + inner), sizes.samples_per_epoch))
+        for m in range(sizes.minibatches_per_inner_epoch):
+          idx = perm[m * sizes.train_batch_size:(m + 1) * sizes.train_batch_size]
+          take = lambda x, idx=idx: jax.device_put(jnp.take(x, idx, axis=0), split)
+          minibatch = ppo.PPOBatch(
+              cond=jax.tree_util.tree_map(take, cond_all), latents=take(latents),
+              log_probs=take(log_probs), advantages=take(adv), timesteps=timesteps,
+              guidance=guidance)
+          step_key = jax.random.fold_in(epoch_key, 20_000 + inner * 1000 + m)
+          state, metrics = train_step(state, frozen, minibatch, step_key)
+          metrics = {k: float(v) for k, v in metrics.items()}
+          step_metrics.append(metrics)
+          if metrics["nonfinite"]:
+            logging.warning("Epoch %d minibatch %d: non-finite loss or gradient; update "
+                            "skipped (%d in a row).", epoch, m, int(metrics["nonfinite_count"]))
+          if metrics["nonfinite_count"] >= config.train.max_nonfinite_in_a_row:
+            raise TrainingError(
+                f"{int(metrics['nonfinite_count'])} non-finite updates in a row at epoch "
+                f"{epoch}: stopping. The last good checkpoint is in {checkpointer.directory} "
+                "(epoch {}); lower ppo.learning_rate or check the rewards.".format(
+                    checkpointer.latest_epoch()))
+
+      elapsed = time.perf_counter() - epoch_start
+      record = {
+          "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+          **{f"reward_{k}": float(np.concatenate(v).mean()) for k, v in components.items()},
+          **{k: float(np.mean([s[k] for s in step_metrics])) for k in
+             ("loss", "approx_kl", "clipfrac", "grad_norm")},
+          "nonfinite_updates": float(sum(s["nonfinite"] for s in step_metrics)),
+          "samples_per_s": sizes.samples_per_epoch / elapsed, "epoch_time_s": elapsed,
+          "optimizer_steps": float(int(state.step)),
+      }
+      log.write(epoch, record)
+      if is_main:
+        progress.set_postfix(reward=f"{record['reward_mean']:.4f}",
+                             kl=f"{record['approx_kl']:.2e}")
+      if grid is not None:
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        grid.save(os.path.join(workdir, "samples", f"epoch_{epoch:04d}.png"))
+      if on_epoch_end is not None:
+        on_epoch_end(epoch, record)
+      last = epoch == end_epoch - 1
+      if (epoch + 1) % config.train.checkpoint_every == 0 or last or preemption.requested:
+        checkpointer.save(epoch, state, {
+            "epoch": epoch, "tracker": tracker.state_dict(), "data": data_iterator.get_state(),
+            "optimizer_steps": int(state.step), "seed": int(config.seed)})
+      if preemption.requested:
+        logging.warning("Stopped after epoch %d on SIGTERM; rerun the same command to resume.",
+                        epoch)
+        break
+  progress.close()
+  history = log.read()
+  if is_main and history:
+    curve = visualize.metric_curves(
+        {k: [h.get(k, math.nan) for h in history] for k in history[-1]
+         if k.startswith("reward_") and k != "reward_std"},
+        steps=[h["epoch"] for h in history], title="RL rewards per epoch (sampling policy)")
+    curve.save(os.path.join(workdir, "reward_curve.png"))
+  log.close()
+  checkpointer.close()
+  return history
+
+
+def restore_policy_params(config: ml_collections.ConfigDict, workdir: str,
+                          initial_unet_params: Any, epoch: Optional[int] = None) -> Any:
+  """The policy UNet params (LoRA merged) of an RL checkpoint, on the host's default device.
+
+  Args:
+    config: the run config saved beside the checkpoints.
+    workdir: the run folder.
+    initial_unet_params: the UNet params the run started from (the frozen base).
+    epoch: which checkpoint (default: latest).
+  """
+  state, frozen = ppo.init_train_state(jax.random.PRNGKey(0), initial_unet_params, config.ppo)
+  checkpointer = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
+                                               keep=max(1, config.train.keep_checkpoints))
+  if checkpointer.latest_epoch() is None:
+    raise checkpointing.CheckpointError(
+        f"No RL checkpoint in {os.path.join(workdir, 'checkpoints')!r}; run "
+        f"`python -m launch.train --workdir={workdir}` first.")
+  state, _ = checkpointer.restore(state, epoch)
+  checkpointer.close()
+  return ppo.policy_params(state.params, frozen, config.ppo)
+

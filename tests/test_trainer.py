@@ -1,0 +1,103 @@
+"""The RL loop: outputs, batch arithmetic, exact resume after SIGKILL, SIGTERM stop."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rl4pix_jax import checkpointing, ppo, trainer
+from tests import rl_fixtures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ("epoch_time_s", "samples_per_s")
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+            for line in f if line.strip()]
+
+
+def _final_state(workdir, setup, config):
+  state, _ = ppo.init_train_state(jax.random.PRNGKey(0), setup.params.unet, config.ppo)
+  ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"))
+  restored, host = ckpt.restore(state)
+  ckpt.close()
+  return restored, host
+
+
+def _subprocess(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  return subprocess.run([sys.executable, "-m", "tests.rl_fixtures", *map(str, args)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  config = rl_fixtures.tiny_rl_config()
+  setup = rl_fixtures.tiny_rl_setup()
+  history = trainer.train(config, workdir, setup,
+                          rl_fixtures.tiny_data_iterator(config, setup.tokenizer))
+  return workdir, config, setup, history
+
+
+def test_run_writes_metrics_checkpoints_and_pictures(straight_run):
+  workdir, config, _, history = straight_run
+  assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+  for key in ("reward_mean", "reward_std", "reward_attention", "reward_clip", "loss",
+              "approx_kl", "clipfrac", "grad_norm", "samples_per_s"):
+    assert all(np.isfinite(h[key]) for h in history), key
+  assert history[-1]["optimizer_steps"] == 4 * 2  # 2 minibatches per epoch
+  ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.all_epochs() == [1, 2, 3]  # keep_checkpoints = 3
+  ckpt.close()
+  for name in ("config.json", "reward_curve.png", "samples/epoch_0000.png",
+               "samples/epoch_0002.png", "samples/epoch_0003.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  saved = json.load(open(os.path.join(workdir, "config.json"), encoding="utf-8"))
+  assert saved["ppo"]["clip_range"] == config.ppo.clip_range
+
+
+def test_resume_after_sigkill_equals_straight_run(straight_run, tmp_path):
+  workdir, config, setup, _ = straight_run
+  killed = str(tmp_path / "killed")
+  result = _subprocess(killed, 4, "kill@2")  # dies after epoch 2's work, before its checkpoint
+  assert result.returncode == -9, result.stderr[-2000:]
+  assert [m["epoch"] for m in _metrics(killed)] == [0, 1, 2]
+  trainer.train(config, killed, setup, rl_fixtures.tiny_data_iterator(config, setup.tokenizer))
+  assert _metrics(killed) == _metrics(workdir)
+  resumed_state, resumed_host = _final_state(killed, setup, config)
+  straight_state, straight_host = _final_state(workdir, setup, config)
+  same = jax.tree_util.tree_map(np.array_equal, resumed_state, straight_state)
+  assert all(jax.tree_util.tree_leaves(same)), "resumed params differ from the straight run"
+  assert resumed_host == straight_host
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+  workdir = str(tmp_path / "term")
+  result = _subprocess(workdir, 4, "term@0")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert [m["epoch"] for m in _metrics(workdir)] == [0]
+  ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.all_epochs() == [0]
+  ckpt.close()
+
+
+def test_inconsistent_batch_sizes_are_named():
+  config = rl_fixtures.tiny_rl_config(**{"train.train_batch_size": 3})
+  with pytest.raises(trainer.TrainingError, match=r"4 is not divisible by train.train_batch"):
+    trainer.batch_arithmetic(config, 1, 1)
+  config = rl_fixtures.tiny_rl_config()
+  with pytest.raises(trainer.TrainingError, match="8 devices"):
+    trainer.batch_arithmetic(config, 8, 1)
+  sizes = trainer.batch_arithmetic(config, 2, 1)
+  assert sizes.updates_per_epoch == 2 and sizes.samples_per_epoch == 4
+  assert "2 optimizer updates per epoch" in sizes.describe()
