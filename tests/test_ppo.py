@@ -386,3 +386,11 @@ def test_one_device_equals_eight_devices(setup, tmp_path):
         f"{np.abs(eight - one).max() / np.abs(one).max():.2e} of the largest entry")
   assert relative < 1e-3
   np.testing.assert_allclose(eight, one, rtol=1e-3, atol=1e-3 * np.abs(one).max())
+
+
+def test_batch_that_does_not_fit_the_sampler_is_named(setup):
+  traj = setup["traj"]
+  batch = setup["batch_with"]([1.0, 0.0]).replace(log_probs=traj.log_probs[:, :2])
+  with pytest.raises(ValueError, match=r"log_probs \(2, 2\) \(expected \(2, 3\)\)"):
+    ppo.ppo_gradients(setup["unet"], setup["schedule"], SAMPLER, FULL, setup["params"], None,
+                      batch, jax.random.PRNGKey(0))
