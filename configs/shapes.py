@@ -15,7 +15,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = arg or "rl"
   c.seed = 0
-  c.resolution = 64  # pixels; latents are resolution / 4 with the VAE below
+  # pixels; latents are resolution / 4 (8x8) with the VAE below. 32 rather than 64: on 2 CPU
+  # cores the 64-pixel models cost ~4x more per step and the supervised stages did not fit
+  # their ~12 minute budget (see README, supervised stages).
+  c.resolution = 32
 
   # ---- models -------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -24,14 +27,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators); params stay float32
   c.model.remat = False
   c.model.unet = dict(
-      sample_size=16, in_channels=8, out_channels=4,
+      sample_size=8, in_channels=8, out_channels=4,
       block_out_channels=[64, 128], layers_per_block=1,
       down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
       up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
       cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
   c.model.vae = dict(
-      in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-      block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=16,
+      in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+      block_out_channels=[16, 32, 64], layers_per_block=1, norm_num_groups=8,
       down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
       scaling_factor=1.0)  # pretrain.vae measures the latent std and stores 1/std
   c.model.text_encoder = dict(
@@ -39,7 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
       projection_dim=64, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407)
   c.model.vision_encoder = dict(
-      image_size=64, patch_size=8, hidden_size=64, intermediate_size=256,
+      image_size=32, patch_size=4, hidden_size=64, intermediate_size=256,
       num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu", projection_dim=64)
   c.model.scheduler = dict(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -59,11 +62,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # ---- supervised stages (the default trains its own tiny models) ---------------------
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.vae = dict(steps=1500, batch_size=32, learning_rate=1e-3, kl_weight=1e-6,
-                        log_every=100)
-  c.pretrain.clip = dict(steps=1500, batch_size=64, learning_rate=1e-3, log_every=100)
-  c.pretrain.unet = dict(steps=3000, batch_size=32, learning_rate=3e-4, log_every=100,
-                         text_dropout=0.05, image_dropout=0.05, both_dropout=0.05)
+  # Steps aimed at ~12 min for the three stages on 2 idle CPU cores (uncontended step times:
+  # vae 0.27 s, unet 0.54 s at batch 32). NOT yet enough for the editor to learn to edit:
+  # see the pretrain report; measured 22.9 min on 2 cores shared with other jobs.
+  # unet dropout: text only / image only / both, as InstructPix2Pix trains (5% each).
+  c.pretrain.vae = dict(steps=600, batch_size=32, learning_rate=1e-3, kl_weight=1e-6,
+                        log_every=50, checkpoint_every=200)
+  c.pretrain.clip = dict(steps=400, batch_size=64, learning_rate=1e-3, log_every=50,
+                         checkpoint_every=200)
+  c.pretrain.unet = dict(steps=700, batch_size=32, learning_rate=1e-3, log_every=50,
+                         checkpoint_every=250, text_dropout=0.05, image_dropout=0.05,
+                         both_dropout=0.05)
 
   # ---- policy rollout -----------------------------------------------------------------
   c.sampler = ml_collections.ConfigDict()
@@ -71,7 +80,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sampler.eta = 1.0
   c.sampler.guidance_scale = 7.5
   c.sampler.image_guidance_scale = 1.5
-  c.sampler.capture_size = 16  # side of the recorded cross-attention maps (latent side here)
+  c.sampler.capture_size = 8  # side of the recorded cross-attention maps (the latent side here)
 
   # ---- reward (our documented defaults; see README "Reward design") -------------------
   c.reward = ml_collections.ConfigDict()
@@ -120,4 +129,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices
   c.mesh.fsdp = 1
+  c.mesh.fsdp_min_size = 2 ** 18  # kernels with fewer elements are replicated, not sharded
   return c

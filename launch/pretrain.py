@@ -1,0 +1,60 @@
+"""Runs one supervised stage of the embedded default (vae, clip or unet).
+
+  python -m launch.pretrain --config=configs/shapes.py:vae --workdir=runs/shapes
+  python -m launch.pretrain --config=configs/shapes.py:clip --workdir=runs/shapes
+  python -m launch.pretrain --config=configs/shapes.py:unet --workdir=runs/shapes \
+      --config.pretrain.unet.steps=10
+
+The stage comes from the config argument (``config.stage``) or ``--stage``. A stage whose final
+checkpoint exists is skipped; an interrupted one resumes. The workdir layout is documented in
+``rl4pix_jax/pretrain/stage_checkpoint.py``. ``--quick_check`` (unet) samples validation edits
+and prints the success rate against the "return the source" baseline.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from rl4pix_jax.pretrain import clip_training
+from rl4pix_jax.pretrain import editor_training
+from rl4pix_jax.pretrain import stage_checkpoint
+from rl4pix_jax.pretrain import vae_training
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py:vae",
+                                          "Config file and stage, e.g. configs/shapes.py:vae.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (stages write <workdir>/<stage>).",
+                               required=True)
+_STAGE = flags.DEFINE_enum("stage", None, list(stage_checkpoint.STAGES),
+                           "Overrides the stage named in --config.")
+_QUICK_CHECK = flags.DEFINE_integer("quick_check", 0,
+                                    "After the unet stage, edit this many validation examples "
+                                    "and print check_edit rates (0: skip).")
+_GRID = flags.DEFINE_string("grid", "", "With --quick_check: write a source|edit|target PNG.")
+
+TRAINERS = {"vae": vae_training.train_vae, "clip": clip_training.train_clip,
+            "unet": editor_training.train_editor}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  stage = _STAGE.value or config.stage
+  if stage not in TRAINERS:
+    raise app.UsageError(f"Stage {stage!r} is not a supervised stage; use one of "
+                         f"{sorted(TRAINERS)} (--config=configs/shapes.py:vae or --stage=vae).")
+  TRAINERS[stage](config, _WORKDIR.value)
+  if _QUICK_CHECK.value and stage == "unet":
+    from rl4pix_jax.pretrain import editor_check
+
+    results = editor_check.evaluate_editor_quickly(config, _WORKDIR.value,
+                                                   num_examples=_QUICK_CHECK.value,
+                                                   grid_path=_GRID.value or None)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

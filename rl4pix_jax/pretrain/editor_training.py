@@ -1,0 +1,191 @@
+"""Stage 3: the InstructPix2Pix UNet on (source, instruction, target) shapes triples.
+
+Training input per example: ``concat([noisy target latents, source latents], channel axis)``
+where the target latents are a VAE posterior sample times ``scaling_factor`` noised with
+``ddim.add_noise`` at a uniform random timestep, and the source latents are the VAE posterior
+mode, unscaled (as ``sampling`` feeds them). The text condition is the frozen CLIP text tower's
+last hidden state of the instruction. Conditioning dropout as InstructPix2Pix trains, with
+one uniform draw u per example and rates t (text only), b (both), i (image only)::
+
+  u < t          -> text replaced by the empty prompt's hidden states
+  t <= u < t+b   -> both dropped
+  t+b <= u < t+b+i -> image latents zeroed
+
+so the text is dropped with rate t + b and the image with rate i + b. Loss: MSE to the noise.
+VAE and text encodings of the split are computed once (both models are frozen).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from rl4pix_jax import ddim
+from rl4pix_jax import tokenizer as tokenizer_lib
+from rl4pix_jax.models import unet as unet_lib
+from rl4pix_jax.models import vae as vae_lib
+from rl4pix_jax.pretrain import clip_training
+from rl4pix_jax.pretrain import data as data_lib
+from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+from rl4pix_jax.pretrain import training_loop
+from rl4pix_jax.pretrain import vae_training
+
+
+class FrozenEncoders(NamedTuple):
+  """The frozen VAE and CLIP text tower of the editor, with their params."""
+  vae: vae_lib.AutoencoderKL
+  vae_params: Any
+  scaling_factor: float
+  text_model: Any
+  text_params: Any
+
+
+def load_frozen_encoders(workdir: str) -> FrozenEncoders:
+  """VAE and CLIP text tower from the vae and clip stages of ``workdir``."""
+  vae_params, vae_config = ckpt.latest_stage_params(workdir, "vae")
+  vae_dict = vae_config["models"]["vae"]
+  vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(vae_dict))
+  clip_params, clip_config = ckpt.latest_stage_params(workdir, "clip")
+  text_model, _ = clip_training.make_clip(clip_config["models"]["clip"])
+  return FrozenEncoders(vae, vae_params, float(vae_dict["scaling_factor"]), text_model,
+                        clip_params["text"])
+
+
+def make_unet(config_dict) -> unet_lib.UNet2DConditionModel:
+  return unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(dict(config_dict)))
+
+
+def text_hidden_states(text_model, text_params, ids: np.ndarray, batch_size: int = 256):
+  """(N, L, D) float32 last hidden states of the text tower."""
+  apply = jax.jit(lambda p, i: text_model.apply({"params": p}, i).last_hidden_state)
+  return np.concatenate([np.asarray(apply(text_params, ids[i:i + batch_size]))
+                         for i in range(0, len(ids), batch_size)])
+
+
+def empty_prompt_states(text_model, text_params) -> np.ndarray:
+  """(1, L, D) hidden states of the empty prompt ""."""
+  ids = tokenizer_lib.tokenize(tokenizer_lib.load_clip_tokenizer(), [""])
+  return text_hidden_states(text_model, text_params, ids)
+
+
+def encode_split(encoders: FrozenEncoders, arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Everything the UNet step needs, precomputed for a split.
+
+  Returns:
+    dict of float32 arrays: ``target_mean``/``target_logvar`` (N, h, w, c) unscaled posterior
+    of the targets, ``source_latents`` (N, h, w, c) posterior mode of the sources (unscaled),
+    ``text`` (N, L, D) instruction hidden states.
+  """
+  target_mean, target_logvar = vae_training.encode_in_batches(
+      encoders.vae, encoders.vae_params, arrays["target"])
+  source_mean, _ = vae_training.encode_in_batches(encoders.vae, encoders.vae_params,
+                                                  arrays["source"])
+  return {"target_mean": target_mean, "target_logvar": target_logvar,
+          "source_latents": source_mean,
+          "text": text_hidden_states(encoders.text_model, encoders.text_params,
+                                     arrays["input_ids"])}
+
+
+def conditioning_dropout_masks(key: jax.Array, batch: int, text_dropout: float,
+                               image_dropout: float, both_dropout: float):
+  """(drop_text, drop_image), each (B,) bool (rates and layout: see the module docstring)."""
+  if min(text_dropout, image_dropout, both_dropout) < 0 or (
+      text_dropout + image_dropout + both_dropout > 1):
+    raise ValueError("Conditioning dropout rates must be >= 0 and sum to <= 1; got text="
+                     f"{text_dropout}, image={image_dropout}, both={both_dropout}.")
+  u = jax.random.uniform(key, (batch,))
+  drop_text = u < text_dropout + both_dropout
+  drop_image = (u >= text_dropout) & (u < text_dropout + both_dropout + image_dropout)
+  return drop_text, drop_image
+
+
+def editor_training_input(noisy_target_latents: jax.Array, source_latents: jax.Array):
+  """(B, h, w, 2c) UNet input: noisy scaled target latents, then the source latents."""
+  return jnp.concatenate([noisy_target_latents, source_latents.astype(
+      noisy_target_latents.dtype)], axis=-1)
+
+
+def editor_batch_inputs(schedule: ddim.DDIMSchedule, batch: Dict[str, jax.Array],
+                        empty_states: jax.Array, scaling_factor: float, key: jax.Array,
+                        rates: Tuple[float, float, float]):
+  """(unet_input, timesteps, text, target) of one training batch, dropout applied."""
+  latent_key, noise_key, time_key, drop_key = jax.random.split(key, 4)
+  size = batch["target_mean"].shape[0]
+  clean = vae_lib.latent_sample(latent_key, batch["target_mean"],
+                                batch["target_logvar"]) * scaling_factor
+  noise = jax.random.normal(noise_key, clean.shape, jnp.float32)
+  timesteps = jax.random.randint(time_key, (size,), 0, schedule.num_train_timesteps)
+  noisy = ddim.add_noise(schedule, clean, noise, timesteps)
+  drop_text, drop_image = conditioning_dropout_masks(drop_key, size, *rates)
+  text = jnp.where(drop_text[:, None, None], empty_states, batch["text"])
+  source = jnp.where(drop_image[:, None, None, None], 0.0, batch["source_latents"])
+  target = ddim.training_target(schedule, clean, noise, timesteps)
+  return editor_training_input(noisy, source), timesteps, text, target
+
+
+def make_editor_train_step(unet, schedule, optimizer, empty_states, scaling_factor, rates):
+  """Jitted ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``."""
+  empty_states = jnp.asarray(empty_states)
+
+  def step(params, opt_state, batch, key):
+    unet_input, timesteps, text, target = editor_batch_inputs(
+        schedule, batch, empty_states, scaling_factor, key, rates)
+
+    def loss_fn(p):
+      prediction = unet.apply({"params": p}, unet_input, timesteps, text)
+      return jnp.mean((prediction - target) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {"loss": loss}
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def train_editor(config, workdir: str) -> Dict[str, Any]:
+  """Runs (or resumes, or skips) the UNet stage; returns its model_config.json dict."""
+  stage = "unet"
+  if ckpt.stage_complete(workdir, stage):
+    print(f"unet: complete in {ckpt.stage_dir(workdir, stage)}, skipping.")
+    logging.info("unet: final checkpoint exists, skipping.")
+    return ckpt.read_model_config(workdir, stage)
+  started = time.time()
+  settings = config.pretrain.unet
+  dataset_dir = data_lib.ensure_shapes_dataset(config, workdir)
+  encoders = load_frozen_encoders(workdir)
+  train = data_lib.load_split(dataset_dir, "train", config.resolution)
+  encoded = encode_split(encoders, train.arrays)
+  empty_states = empty_prompt_states(encoders.text_model, encoders.text_params)
+  unet = make_unet(config.model.unet)
+  side = encoded["source_latents"].shape[1]
+  params = unet.init(jax.random.PRNGKey(config.seed + 3),
+                     jnp.zeros((1, side, side, unet.config.in_channels)),
+                     jnp.zeros((1,), jnp.int32), jnp.asarray(encoded["text"][:1]))["params"]
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(settings["learning_rate"], weight_decay=0.0))
+  opt_state = optimizer.init(params)
+  scheduler_config = dict(config.model.scheduler)
+  schedule = ddim.DDIMSchedule.from_config(scheduler_config)
+  rates = (settings["text_dropout"], settings["image_dropout"], settings["both_dropout"])
+  train_step = make_editor_train_step(unet, schedule, optimizer, empty_states,
+                                      encoders.scaling_factor, rates)
+  size = len(encoded["text"])
+  make_batch = lambda step: data_lib.take(encoded, data_lib.batch_indices(
+      config.seed, step, size, settings["batch_size"]))
+  models = {"unet": unet.config.to_diffusers(), "scheduler": scheduler_config}
+  metadata = {"dataset_dir": dataset_dir, "settings": dict(settings),
+              "scaling_factor": encoders.scaling_factor}
+  params, opt_state, metrics, manager = training_loop.run_training(
+      workdir, stage, settings["steps"], params, opt_state, train_step, make_batch,
+      config.seed, settings["log_every"], settings["checkpoint_every"], models, metadata)
+  metadata.update(final_metrics=metrics, wall_time_s=time.time() - started)
+  training_loop.finish_stage(manager, workdir, stage, settings["steps"], params, opt_state,
+                             models, metadata)
+  print(f"unet: done, {metadata['wall_time_s']:.0f} s")
+  return ckpt.read_model_config(workdir, stage)

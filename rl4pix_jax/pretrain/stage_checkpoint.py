@@ -1,0 +1,159 @@
+"""Checkpoints of the supervised stages and the workdir layout they share.
+
+Layout (the RL stage and the evaluation read it)::
+
+  <workdir>/data/                 shapes_edit tfds data (when config.data.data_dir is empty)
+  <workdir>/vae/                  Orbax CheckpointManager directory of the VAE stage:
+      <step>/params               Flax param tree of AutoencoderKL (float32)
+      <step>/opt_state            optax state (only to resume an interrupted stage)
+      <step>/progress             JSON {"step": int}
+      model_config.json           {"stage", "models": {"vae": diffusers AutoencoderKL config
+                                  with the measured scaling_factor}, "metadata": {...}}
+      metrics.jsonl               one JSON line of training metrics every log_every steps
+  <workdir>/clip/                 same, params {"text", "vision", "logit_scale"};
+                                  models {"clip": transformers CLIPConfig dict with
+                                  text_config, vision_config, projection_dim}
+  <workdir>/unet/                 same, params of UNet2DConditionModel (8 input channels);
+                                  models {"unet": diffusers config, "scheduler": DDIM config}
+
+``metadata`` holds ``num_steps`` (the stage's configured length), ``complete`` (True once the
+final step is written) and stage-specific measurements (e.g. ``latent_std``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+STAGES = ("vae", "clip", "unet")
+MODEL_CONFIG_FILE = "model_config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_stage(stage: str) -> None:
+  """Raises ValueError unless ``stage`` is one of ``STAGES``."""
+  if stage not in STAGES:
+    raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}.")
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  """``<workdir>/<stage>`` as an absolute path (Orbax needs absolute paths)."""
+  check_stage(stage)
+  return os.path.abspath(os.path.join(os.path.expanduser(workdir), stage))
+
+
+def stage_command(stage: str, workdir: str) -> str:
+  """The command that creates a stage's checkpoint."""
+  return (f"python -m launch.pretrain --config=configs/shapes.py:{stage} "
+          f"--workdir={workdir}")
+
+
+def checkpoint_manager(workdir: str, stage: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """The stage's CheckpointManager (creates the directory)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(stage_dir(workdir, stage), options=options)
+
+
+def read_model_config(workdir: str, stage: str) -> Optional[Dict[str, Any]]:
+  """The stage's model_config.json as a dict, or None when absent."""
+  path = os.path.join(stage_dir(workdir, stage), MODEL_CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_model_config(workdir: str, stage: str, models: Dict[str, Any],
+                       metadata: Dict[str, Any]) -> str:
+  """Writes model_config.json atomically; returns its path."""
+  folder = stage_dir(workdir, stage)
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, MODEL_CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"stage": stage, "models": models, "metadata": metadata}, f, indent=2,
+              default=_json_default)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def _json_default(value):
+  if isinstance(value, (np.generic, np.ndarray)):
+    return value.tolist()
+  if isinstance(value, tuple):
+    return list(value)
+  raise TypeError(f"Not JSON serialisable: {type(value).__name__}")
+
+
+def save_stage(manager: ocp.CheckpointManager, workdir: str, stage: str, step: int, params: Any,
+               opt_state: Any, models: Dict[str, Any], metadata: Dict[str, Any]) -> None:
+  """Saves params, optimizer state and step at ``step``, and model_config.json beside them.
+
+  Args:
+    manager: from ``checkpoint_manager(workdir, stage)``.
+    workdir, stage: where.
+    step: number of optimizer steps done.
+    params, opt_state: pytrees of arrays.
+    models: model name -> diffusers/transformers-style config dict.
+    metadata: must hold ``num_steps``; ``complete`` is set to ``step >= num_steps``.
+  """
+  if "num_steps" not in metadata:
+    raise ValueError("save_stage: metadata needs 'num_steps' (the stage's configured length).")
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+      progress=ocp.args.JsonSave({"step": int(step)})), force=True)
+  manager.wait_until_finished()
+  metadata = dict(metadata, step=int(step), complete=bool(step >= metadata["num_steps"]))
+  write_model_config(workdir, stage, models, metadata)
+
+
+def restore_training_state(manager: ocp.CheckpointManager, params_like: Any,
+                           opt_state_like: Any) -> Optional[Tuple[Any, Any, int]]:
+  """(params, opt_state, step) of the latest checkpoint, or None when there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract(params_like)),
+      opt_state=ocp.args.StandardRestore(abstract(opt_state_like)),
+      progress=ocp.args.JsonRestore()))
+  return restored["params"], restored["opt_state"], int(restored["progress"]["step"])
+
+
+def stage_complete(workdir: str, stage: str) -> bool:
+  """True when the stage's final step is written (checkpoint and model_config.json)."""
+  config = read_model_config(workdir, stage)
+  if not config or not config.get("metadata", {}).get("complete"):
+    return False
+  manager = checkpoint_manager(workdir, stage)
+  step = manager.latest_step()
+  manager.close()
+  return step is not None and step >= config["metadata"]["num_steps"]
+
+
+def latest_stage_params(workdir: str, stage: str) -> Tuple[Any, Dict[str, Any]]:
+  """Params of the stage's latest checkpoint and its model_config.json dict.
+
+  Returns:
+    ``(params, model_config)``: params as nested dicts of float32 jax arrays; model_config
+    with keys ``stage``, ``models``, ``metadata`` (see the module docstring).
+  Raises:
+    FileNotFoundError naming the folder and the command that creates it.
+  """
+  folder = stage_dir(workdir, stage)
+  config = read_model_config(workdir, stage)
+  step = None
+  if config is not None:
+    manager = checkpoint_manager(workdir, stage)
+    step = manager.latest_step()
+  if config is None or step is None:
+    raise FileNotFoundError(f"No {stage} checkpoint in {folder!r}: run "
+                            f"`{stage_command(stage, workdir)}` first.")
+  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  manager.close()
+  return restored["params"], config

@@ -1,0 +1,74 @@
+"""The loop every supervised stage shares: resume, jitted steps, logging, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Dict
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+
+
+def append_metrics(workdir: str, stage: str, record: Dict[str, Any]) -> None:
+  """Appends one JSON line to ``<workdir>/<stage>/metrics.jsonl``."""
+  path = os.path.join(ckpt.stage_dir(workdir, stage), ckpt.METRICS_FILE)
+  with open(path, "a") as f:
+    f.write(json.dumps({k: float(v) if isinstance(v, (np.generic, jax.Array)) else v
+                        for k, v in record.items()}) + "\n")
+
+
+def run_training(workdir: str, stage: str, num_steps: int, params: Any, opt_state: Any,
+                 train_step: Callable, make_batch: Callable[[int], Any], seed: int,
+                 log_every: int, checkpoint_every: int, models: Dict[str, Any],
+                 metadata: Dict[str, Any]):
+  """Trains from the latest checkpoint (or the given init) up to ``num_steps``.
+
+  Args:
+    train_step: jitted ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
+    make_batch: step -> batch (deterministic in the step, so resuming sees the same data).
+    seed: the step key is ``fold_in(PRNGKey(seed), step)``.
+    models, metadata: written to model_config.json at every checkpoint (see
+      ``stage_checkpoint.save_stage``); ``num_steps`` is added to metadata.
+  Returns:
+    ``(params, opt_state, last_metrics)`` after the last step; the final checkpoint is
+    written by the caller (``save_stage``) once stage-specific metadata is known.
+  """
+  manager = ckpt.checkpoint_manager(workdir, stage)
+  metadata = dict(metadata, num_steps=num_steps)
+  start = 0
+  restored = ckpt.restore_training_state(manager, params, opt_state)
+  if restored is not None:
+    params, opt_state, start = restored
+    logging.info("%s: resuming from step %d of %d.", stage, start, num_steps)
+  base_key = jax.random.PRNGKey(seed)
+  metrics: Dict[str, float] = {}
+  started = time.time()
+  for step in tqdm(range(start, num_steps), desc=stage, initial=start, total=num_steps):
+    batch = make_batch(step)
+    params, opt_state, step_metrics = train_step(params, opt_state, batch,
+                                                 jax.random.fold_in(base_key, step))
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      record = dict(metrics, step=done, elapsed_s=round(time.time() - started, 2))
+      logging.info("%s step %d: %s", stage, done, record)
+      print(f"{stage} step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+            flush=True)
+      append_metrics(workdir, stage, record)
+    if done % checkpoint_every == 0 and done < num_steps:
+      ckpt.save_stage(manager, workdir, stage, done, params, opt_state, models, metadata)
+  return params, opt_state, metrics, manager
+
+
+def finish_stage(manager, workdir: str, stage: str, num_steps: int, params: Any,
+                 opt_state: Any, models: Dict[str, Any], metadata: Dict[str, Any]) -> None:
+  """Writes the final checkpoint (marks the stage complete) and closes the manager."""
+  ckpt.save_stage(manager, workdir, stage, num_steps, params, opt_state, models,
+                  dict(metadata, num_steps=num_steps))
+  manager.close()

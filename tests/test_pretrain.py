@@ -1,0 +1,250 @@
+"""Tests of the supervised stages (rl4pix_jax.pretrain) on tiny models and a tiny dataset."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import shapes as shapes_config
+from rl4pix_jax import ddim
+from rl4pix_jax.pretrain import clip_training
+from rl4pix_jax.pretrain import data as data_lib
+from rl4pix_jax.pretrain import editor_check
+from rl4pix_jax.pretrain import editor_training
+from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+from rl4pix_jax.pretrain import training_loop
+from rl4pix_jax.pretrain import vae_training
+
+
+def tiny_config(steps: int = 2):
+  """The default config with tiny models, 16x16 images and a 16-example train split."""
+  c = shapes_config.get_config()
+  c.resolution = 16
+  c.data.train_size, c.data.validation_size, c.data.test_size = 16, 8, 0
+  c.model.vae = dict(c.model.vae, sample_size=16, block_out_channels=[8, 16, 16],
+                     norm_num_groups=4)
+  c.model.text_encoder = dict(c.model.text_encoder, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, projection_dim=16)
+  c.model.vision_encoder = dict(c.model.vision_encoder, image_size=16, patch_size=4,
+                                hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                projection_dim=16)
+  c.model.unet = dict(c.model.unet, sample_size=4, block_out_channels=[16, 32],
+                      cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
+  for stage in ("vae", "clip", "unet"):
+    getattr(c.pretrain, stage).update(steps=steps, batch_size=4, log_every=1,
+                                      checkpoint_every=2)
+  return c
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory):
+  """A data_dir with the tiny dataset, built once."""
+  root = tmp_path_factory.mktemp("pretrain")
+  config = tiny_config()
+  config.data.data_dir = str(root / "data")
+  data_lib.ensure_shapes_dataset(config, str(root))
+  return config.data.data_dir
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(shared_data, tmp_path_factory):
+  """A workdir where the three stages ran for 2 steps each."""
+  workdir = str(tmp_path_factory.mktemp("workdir"))
+  config = tiny_config()
+  config.data.data_dir = shared_data
+  vae_training.train_vae(config, workdir)
+  clip_training.train_clip(config, workdir)
+  editor_training.train_editor(config, workdir)
+  return config, workdir
+
+
+def metric_steps(workdir, stage):
+  with open(os.path.join(ckpt.stage_dir(workdir, stage), ckpt.METRICS_FILE)) as f:
+    return [json.loads(line)["step"] for line in f]
+
+
+def test_each_stage_writes_checkpoint_and_model_config(trained_workdir):
+  config, workdir = trained_workdir
+  for stage in ckpt.STAGES:
+    assert ckpt.stage_complete(workdir, stage)
+    params, model_config = ckpt.latest_stage_params(workdir, stage)
+    assert model_config["stage"] == stage and model_config["metadata"]["num_steps"] == 2
+    assert jax.tree_util.tree_leaves(params)
+    assert os.path.exists(os.path.join(ckpt.stage_dir(workdir, stage), "2"))
+  vae_config = ckpt.read_model_config(workdir, "vae")
+  scaling = vae_config["models"]["vae"]["scaling_factor"]
+  assert scaling == pytest.approx(1 / vae_config["metadata"]["latent_std"])
+  clip_config = ckpt.read_model_config(workdir, "clip")["models"]["clip"]
+  assert {"text_config", "vision_config", "projection_dim"} <= set(clip_config)
+  unet_config = ckpt.read_model_config(workdir, "unet")["models"]["unet"]
+  assert unet_config["in_channels"] == 8 and unet_config["block_out_channels"] == [16, 32]
+
+
+def test_rerun_skips_complete_stages(trained_workdir):
+  config, workdir = trained_workdir
+  before = {stage: metric_steps(workdir, stage) for stage in ckpt.STAGES}
+  vae_training.train_vae(config, workdir)
+  clip_training.train_clip(config, workdir)
+  editor_training.train_editor(config, workdir)
+  assert {stage: metric_steps(workdir, stage) for stage in ckpt.STAGES} == before
+
+
+def test_missing_stage_error_names_path_and_command(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"launch.pretrain --config=configs/shapes.py:unet"):
+    ckpt.latest_stage_params(str(tmp_path), "unet")
+  assert not ckpt.stage_complete(str(tmp_path), "vae")
+
+
+class Interrupted(Exception):
+  pass
+
+
+def test_interrupted_stage_resumes_from_last_checkpoint(shared_data, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config = tiny_config(steps=4)
+  config.data.data_dir = shared_data
+  real_run = training_loop.run_training
+
+  def run_until_step_3(*args, **kwargs):
+    make_batch = args[6]
+
+    def failing(step):
+      if step == 3:
+        raise Interrupted()
+      return make_batch(step)
+
+    return real_run(*args[:6], failing, *args[7:], **kwargs)
+
+  monkeypatch.setattr(training_loop, "run_training", run_until_step_3)
+  with pytest.raises(Interrupted):
+    vae_training.train_vae(config, workdir)
+  assert not ckpt.stage_complete(workdir, "vae")
+  assert metric_steps(workdir, "vae") == [1, 2, 3]  # checkpoint at 2, step 3 lost
+  monkeypatch.setattr(training_loop, "run_training", real_run)
+  vae_training.train_vae(config, workdir)
+  assert metric_steps(workdir, "vae") == [1, 2, 3, 3, 4]  # resumed at step 2
+  assert ckpt.stage_complete(workdir, "vae")
+
+
+def loss_curve(train_step, params, opt_state, batch, steps=20):
+  """Losses of ``steps`` updates on one fixed batch with one fixed key."""
+  losses = []
+  key = jax.random.PRNGKey(0)
+  for _ in range(steps):
+    params, opt_state, metrics = train_step(params, opt_state, batch, key)
+    losses.append(float(metrics["loss"]))
+  return losses
+
+
+# A fixed batch and key make every step see the same inputs: a model that learns must fit
+# them. The margins (final loss below 80% / 90% of the first) are several times the
+# step-to-step wobble of these curves and far from what an optimizer with a sign error or
+# zero gradients produces (a flat or rising curve).
+def test_vae_loss_decreases_on_a_fixed_batch(trained_workdir):
+  config, workdir = trained_workdir
+  model = vae_training.make_vae(config)
+  params = vae_training.init_vae_params(model, jax.random.PRNGKey(0), 16)
+  optimizer = optax.adamw(1e-3, weight_decay=0.0)
+  step = vae_training.make_vae_train_step(model, optimizer, 1e-6)
+  images = data_lib.load_split(
+      ckpt.read_model_config(workdir, "vae")["metadata"]["dataset_dir"], "train", 16,
+      max_examples=4).arrays["target"]
+  losses = loss_curve(step, params, optimizer.init(params), images)
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_clip_loss_decreases_on_a_fixed_batch(trained_workdir):
+  config, workdir = trained_workdir
+  text_model, vision_model = clip_training.make_clip(clip_training.clip_model_config(config))
+  params = clip_training.init_clip_params(text_model, vision_model, jax.random.PRNGKey(0), 16)
+  optimizer = optax.adamw(1e-3, weight_decay=0.0)
+  step = clip_training.make_clip_train_step(text_model, vision_model, optimizer)
+  split = data_lib.load_split(
+      ckpt.read_model_config(workdir, "clip")["metadata"]["dataset_dir"], "train", 16,
+      max_examples=4)
+  losses = loss_curve(step, params, optimizer.init(params), clip_training.pair_batch(
+      split.arrays))
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_editor_loss_decreases_on_a_fixed_batch(trained_workdir):
+  config, workdir = trained_workdir
+  encoders = editor_training.load_frozen_encoders(workdir)
+  dataset_dir = ckpt.read_model_config(workdir, "unet")["metadata"]["dataset_dir"]
+  split = data_lib.load_split(dataset_dir, "train", 16, max_examples=4)
+  batch = editor_training.encode_split(encoders, split.arrays)
+  unet = editor_training.make_unet(config.model.unet)
+  params = unet.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 8)), jnp.zeros((1,), jnp.int32),
+                     jnp.asarray(batch["text"][:1]))["params"]
+  optimizer = optax.adamw(1e-3, weight_decay=0.0)
+  schedule = ddim.DDIMSchedule.from_config(dict(config.model.scheduler))
+  step = editor_training.make_editor_train_step(
+      unet, schedule, optimizer, editor_training.empty_prompt_states(
+          encoders.text_model, encoders.text_params), encoders.scaling_factor,
+      (0.05, 0.05, 0.05))
+  losses = loss_curve(step, params, optimizer.init(params), batch)
+  assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("rates", [(0.05, 0.05, 0.05), (0.1, 0.3, 0.2)])
+def test_conditioning_dropout_rates(rates):
+  text, image, both = rates
+  n = 200_000
+  drop_text, drop_image = editor_training.conditioning_dropout_masks(
+      jax.random.PRNGKey(3), n, text, image, both)
+  drop_text, drop_image = np.asarray(drop_text), np.asarray(drop_image)
+  # Binomial std of a rate p over n draws is sqrt(p (1 - p) / n) <= 0.0012 here; 0.006 is
+  # about 5 std: a correct sampler fails with probability < 1e-6, a wrong layout (e.g. a
+  # rate off by one of the configured 0.05 steps) fails for sure.
+  tolerance = 0.006
+  assert np.mean(drop_text & ~drop_image) == pytest.approx(text, abs=tolerance)
+  assert np.mean(drop_image & ~drop_text) == pytest.approx(image, abs=tolerance)
+  assert np.mean(drop_text & drop_image) == pytest.approx(both, abs=tolerance)
+  assert np.mean(drop_text) == pytest.approx(text + both, abs=tolerance)
+  assert np.mean(drop_image) == pytest.approx(image + both, abs=tolerance)
+
+
+def test_conditioning_dropout_rejects_bad_rates():
+  with pytest.raises(ValueError, match="sum to <= 1"):
+    editor_training.conditioning_dropout_masks(jax.random.PRNGKey(0), 4, 0.5, 0.4, 0.2)
+
+
+def test_editor_input_is_noisy_target_then_source_latents():
+  schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())
+  rng = np.random.default_rng(0)
+  batch = {"target_mean": rng.normal(size=(6, 4, 4, 4)).astype(np.float32),
+           "target_logvar": np.full((6, 4, 4, 4), -30.0, np.float32),  # sample == mean
+           "source_latents": rng.normal(size=(6, 4, 4, 4)).astype(np.float32),
+           "text": rng.normal(size=(6, 5, 8)).astype(np.float32)}
+  empty = np.zeros((1, 5, 8), np.float32)
+  scaling = 0.5
+  unet_input, timesteps, text, noise = editor_training.editor_batch_inputs(
+      schedule, batch, empty, scaling, jax.random.PRNGKey(1), (0.0, 0.0, 0.0))
+  alpha = np.asarray(schedule.alphas_cumprod)[np.asarray(timesteps)][:, None, None, None]
+  expected_noisy = (np.sqrt(alpha) * scaling * batch["target_mean"] +
+                    np.sqrt(1 - alpha) * np.asarray(noise))
+  np.testing.assert_allclose(unet_input[..., :4], expected_noisy, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(unet_input[..., 4:], batch["source_latents"])
+  np.testing.assert_array_equal(text, batch["text"])
+  # With every example's image dropped, the source half is zero and the noisy half unchanged.
+  dropped, _, _, _ = editor_training.editor_batch_inputs(
+      schedule, batch, empty, scaling, jax.random.PRNGKey(1), (0.0, 1.0, 0.0))
+  np.testing.assert_array_equal(dropped[..., 4:], 0.0)
+  np.testing.assert_allclose(dropped[..., :4], unet_input[..., :4])
+
+
+def test_evaluate_editor_quickly_scores_edits_and_baseline(trained_workdir, tmp_path):
+  config, workdir = trained_workdir
+  grid = str(tmp_path / "grid.png")
+  results = editor_check.evaluate_editor_quickly(config, workdir, num_examples=4,
+                                                 num_steps=2, grid_path=grid)
+  assert results["num_examples"] == 4
+  for key in ("success", "edit_ok", "preserved_ok", "source_success"):
+    assert 0.0 <= results[key] <= 1.0
+  assert results["source_l1_to_target"] > 0  # every edit changes some pixels
+  assert results["source_edit_ok"] < 1.0  # returning the source does not do the edits
+  assert os.path.getsize(grid) > 0
