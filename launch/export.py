@@ -1,0 +1,42 @@
+"""Exports a run's editor (RL policy with LoRA merged) as a diffusers pipeline folder.
+
+    python -m launch.export --workdir=runs/shapes/rl --output=exported/shapes_ip2p
+    python -m launch.export --workdir=runs/shapes/rl --step=3 --output=exported/epoch3
+
+The folder loads with ``diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained``.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run folder written by launch.train.", required=True)
+flags.DEFINE_string("output", None, "Folder to write the diffusers pipeline into.",
+                    required=True)
+flags.DEFINE_integer("step", None, "RL checkpoint epoch (default: the latest).")
+flags.DEFINE_bool("no_rl", False, "Export the run's starting editor (no RL checkpoint).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from rl4pix_jax import export, run_loading  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.weights import folders  # pylint: disable=import-outside-toplevel
+  try:
+    config = run_loading.read_run_config(FLAGS.workdir)
+    editor = run_loading.load_run_editor(FLAGS.workdir, FLAGS.step,
+                                         use_rl=False if FLAGS.no_rl else True)
+  except (run_loading.RunLoadingError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  base = folders.resolve_pretrained(config.model.pretrained) if config.model.pretrained else None
+  export.export_pipeline(editor.models, editor.params, editor.tokenizer,
+                         config.model.get("scheduler", {}), FLAGS.output, base_folder=base)
+  logging.info("Wrote %s", FLAGS.output)
+  print(f"Exported the editor of {FLAGS.workdir} to {FLAGS.output}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,121 @@
+"""Restores a run's editor for inference: config.json + supervised/pretrained base + RL policy.
+
+A run folder (``launch.train``'s workdir) holds ``config.json`` and ``checkpoints/``. The
+editor is the run's starting point (``run_setup.rl_setup_from_config``) with its UNet
+replaced by the policy (LoRA merged) of the latest or a chosen RL checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import ml_collections
+from absl import logging
+
+from rl4pix_jax import checkpointing, editing, pipeline, trainer
+
+CONFIG_NAME = "config.json"
+
+
+class RunLoadingError(ValueError):
+  """The run folder lacks what is needed (names what was looked for)."""
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The ConfigDict saved by ``trainer.train`` in ``<workdir>/config.json``."""
+  path = os.path.join(workdir, CONFIG_NAME)
+  if not os.path.isfile(path):
+    raise RunLoadingError(f"No run config at {path!r}: --workdir must be a folder written by "
+                          "`python -m launch.train` (it holds config.json and checkpoints/).")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def checkpoint_epochs(workdir: str, keep: int = 1) -> list:
+  """Epochs with a complete RL checkpoint in ``<workdir>/checkpoints`` (sorted)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  checkpointer = checkpointing.RunCheckpointer(directory, keep=max(1, keep))
+  epochs = checkpointer.all_epochs()
+  checkpointer.close()
+  return sorted(epochs)
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A restored run.
+
+  Attributes:
+    config: the run config (``config.json``).
+    setup: the run's starting point (models, initial params, tokenizer, reward CLIP).
+    editor: the editor to use (the RL policy, or the starting editor when ``epoch`` is None).
+    epoch: the RL checkpoint epoch restored, or None (no RL).
+  """
+  config: ml_collections.ConfigDict
+  setup: trainer.RLSetup
+  editor: editing.Editor
+  epoch: Optional[int]
+
+  def starting_editor(self) -> editing.Editor:
+    """The editor before RL (supervised or pretrained), sharing models and tokenizer."""
+    return editing.Editor(self.setup.models, self.setup.params, self.setup.tokenizer,
+                          self.editor.max_object_tokens, self.editor.capture_size)
+
+
+def load_run(workdir: str, step: Optional[int] = None,
+             use_rl: Optional[bool] = None) -> LoadedRun:
+  """Restores a run.
+
+  Args:
+    workdir: the run folder.
+    step: RL checkpoint epoch (default: the latest).
+    use_rl: True: the RL policy (error if no checkpoint); False: the run's starting editor
+      (supervised or pretrained, no RL); None: the RL policy if a checkpoint exists, else the
+      starting editor with a log line saying so.
+  Raises:
+    RunLoadingError: no config.json, or no (or not that) checkpoint where one is needed.
+  """
+  config = read_run_config(workdir)
+  epochs = checkpoint_epochs(workdir, config.train.get("keep_checkpoints", 1))
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if step is not None and step not in epochs:
+    raise RunLoadingError(f"No RL checkpoint for --step={step} in {checkpoints!r}; it has "
+                          f"epochs {epochs}.")
+  if use_rl and not epochs:
+    raise RunLoadingError(f"No RL checkpoint in {checkpoints!r}; train with `python -m "
+                          f"launch.train --workdir={workdir}` or pass --no_rl.")
+  from rl4pix_jax import run_setup  # pylint: disable=import-outside-toplevel
+  setup = run_setup.rl_setup_from_config(config, workdir)
+  params, epoch = setup.params, None
+  if use_rl is False:
+    logging.info("Using the run's starting editor (no RL), as asked.")
+  elif not epochs:
+    logging.warning("No RL checkpoint in %r: using the run's starting editor (supervised or "
+                    "pretrained, no RL).", checkpoints)
+  else:
+    epoch = epochs[-1] if step is None else step
+    unet = trainer.restore_policy_params(config, workdir, params.unet, epoch)
+    params = pipeline.EditorParams(unet=unet, vae=params.vae, text_encoder=params.text_encoder)
+    logging.info("Restored the RL policy of epoch %d from %r.", epoch, checkpoints)
+  editor = editing.Editor(setup.models, params, setup.tokenizer,
+                          max_object_tokens=config.data.get("max_object_tokens", 8),
+                          capture_size=config.sampler.get("capture_size") or None)
+  return LoadedRun(config=config, setup=setup, editor=editor, epoch=epoch)
+
+
+def load_run_editor(workdir: str, step: Optional[int] = None,
+                    use_rl: Optional[bool] = None) -> editing.Editor:
+  """The editor of ``load_run`` (same arguments)."""
+  return load_run(workdir, step, use_rl).editor
+
+
+def load_pretrained_editor(path_or_hub_id: str, max_object_tokens: int = 8,
+                           capture_size: Optional[int] = None) -> editing.Editor:
+  """An ``Editor`` of a diffusers InstructPix2Pix folder or hub id (float32)."""
+  models, params, tokenizer = pipeline.load_diffusers_editor(path_or_hub_id)
+  return editing.Editor(models, params, tokenizer, max_object_tokens=max_object_tokens,
+                        capture_size=capture_size)
