@@ -1,0 +1,360 @@
+"""Ours (JAX) vs the PyTorch stack, side by side in one process, one markdown row per case.
+
+    python -m benchmarks.run --config=small
+    python -m benchmarks.run --config=sd15 --dtype=bfloat16 --attention=cudnn \
+        --peak_tflops=790   # on a GPU
+
+Cases: UNet forward and forward+backward at each ``--batches`` size; a full guided trajectory
+(T DDIM steps, 3-way CFG, eta=1) at ``--edits`` edits (images/s); one PPO minibatch update over
+all T timesteps ((sample x timestep) pairs/s). Ours is random-initialised, exported with
+``export_unet`` and loaded by diffusers, so both run the same weights on the same inputs.
+Times are medians of ``--reps`` runs after one warm-up call; our first call (compile + run) is
+reported separately. ``ratio`` = PyTorch time / our time (> 1: ours is faster). With
+``--peak_tflops``, MFU = FLOPs of our compiled function (XLA cost analysis) / time / peak.
+``--trace_only`` lowers our functions without running them (checks the sd15 path on a CPU).
+"""
+
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.configs import BENCHMARK_CONFIGS
+from rl4pix_jax import ddim, ppo, sampling
+from rl4pix_jax.models import unet as unet_lib
+from rl4pix_jax.weights import diffusers_models
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("config", "small", list(BENCHMARK_CONFIGS), "Model size.")
+flags.DEFINE_list("batches", ["1", "3", "12"], "UNet batch sizes (forward, forward+backward).")
+flags.DEFINE_integer("edits", 4, "Edits per trajectory / PPO minibatch (the UNet sees 3x).")
+flags.DEFINE_integer("steps", 10, "DDIM steps T.")
+flags.DEFINE_integer("reps", 3, "Timed repetitions after the warm-up call.")
+flags.DEFINE_list("cases", ["forward", "backward", "trajectory", "ppo"], "Cases to run.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Our compute dtype.")
+flags.DEFINE_enum("torch_dtype", "float32", ["float32", "float16", "bfloat16"],
+                  "PyTorch dtype (weights and compute).")
+flags.DEFINE_string("attention", None, "jax.nn.dot_product_attention implementation "
+                    "(None, 'xla', 'cudnn').")
+flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s of the chip for MFU "
+                   "(H100 SXM ~790 measured); None: no MFU column values.")
+flags.DEFINE_bool("trace_only", False, "Lower our functions with abstract inputs and print "
+                  "their FLOPs; no timing, no PyTorch.")
+flags.DEFINE_bool("skip_torch", False, "Time ours only.")
+
+
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+  """Median wall time of ``reps`` calls of ``fn`` (which must block until done)."""
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def compiled_flops(jitted, *args) -> Optional[float]:
+  """FLOPs XLA's cost analysis assigns to ``jitted(*args)`` (None if not reported)."""
+  analysis = jitted.lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops is not None and flops > 0 else None
+
+
+def load_average() -> str:
+  return f"{os.getloadavg()[0]:.1f}"
+
+
+class Row:
+  """One markdown table row."""
+  HEADER = ("| case | batch | ours | PyTorch | ratio (PyTorch/ours) | our first call s | "
+            "our MFU | load avg |\n|---|---|---|---|---|---|---|---|")
+
+  def __init__(self, case, batch, ours_s, torch_s, first_s, unit_per_s=None, units=None,
+               flops=None):
+    self.case, self.batch, self.ours_s, self.torch_s = case, batch, ours_s, torch_s
+    self.first_s, self.unit_per_s, self.units, self.flops = first_s, unit_per_s, units, flops
+
+  def markdown(self, peak_tflops: Optional[float]) -> str:
+    def fmt(seconds):
+      if seconds is None:
+        return "-"
+      text = f"{seconds * 1e3:.1f} ms"
+      if self.units:
+        text += f" ({self.units / seconds:.2f} {self.unit_per_s})"
+      return text
+    ratio = f"{self.torch_s / self.ours_s:.2f}x" if self.torch_s else "-"
+    mfu = "-"
+    if peak_tflops and self.flops:
+      mfu = f"{self.flops / self.ours_s / (peak_tflops * 1e12) * 100:.1f}%"
+    return (f"| {self.case} | {self.batch} | {fmt(self.ours_s)} | {fmt(self.torch_s)} | "
+            f"{ratio} | {self.first_s:.1f} | {mfu} | {load_average()} |")
+
+
+def make_inputs(spec: Dict, dim: int, batch: int, seed: int) -> Dict[str, np.ndarray]:
+  """Random NHWC float32 UNet inputs and conditioning for ``batch`` edits."""
+  rng = np.random.default_rng(seed)
+  side, length = spec["latent_side"], spec["text_length"]
+  return dict(
+      latents=rng.standard_normal((batch, side, side, 4)).astype(np.float32),
+      image=rng.standard_normal((batch, side, side, 4)).astype(np.float32),
+      text=rng.standard_normal((batch, length, dim)).astype(np.float32),
+      uncond=rng.standard_normal((batch, length, dim)).astype(np.float32))
+
+
+def edit_conditioning(inputs: Dict[str, np.ndarray]) -> sampling.EditConditioning:
+  return sampling.EditConditioning(text_embeds=jnp.asarray(inputs["text"]),
+                                   uncond_text_embeds=jnp.asarray(inputs["uncond"]),
+                                   image_latents=jnp.asarray(inputs["image"]))
+
+
+class Bench:
+  """Builds both models on one config and runs the cases."""
+
+  def __init__(self, config_name: str):
+    self.spec = BENCHMARK_CONFIGS[config_name]
+    self.config = unet_lib.UNetConfig.from_diffusers(self.spec["unet"])
+    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    self.unet = unet_lib.UNet2DConditionModel(self.config, dtype=dtype,
+                                              attention_implementation=FLAGS.attention)
+    self.side, self.dim = self.spec["latent_side"], self.config.cross_attention_dim[0]
+    self.schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())
+    self.sampler_config = sampling.SamplerConfig(num_steps=FLAGS.steps, eta=1.0,
+                                                 record_attention=False)
+    self.ppo_config = ppo.PPOConfig(trainable="full")
+    sample = jax.ShapeDtypeStruct((1, self.side, self.side, 8), jnp.float32)
+    text = jax.ShapeDtypeStruct((1, self.spec["text_length"], self.dim), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    if FLAGS.trace_only:
+      self.params = jax.eval_shape(self.unet.init, jax.random.PRNGKey(0), sample, t,
+                                   text)["params"]
+    else:
+      self.params = jax.jit(self.unet.init)(
+          jax.random.PRNGKey(0), jnp.zeros(sample.shape), jnp.zeros((1,), jnp.int32),
+          jnp.zeros(text.shape))["params"]
+    self.torch_unet = None
+    self.torch_device = "cpu"
+    if not (FLAGS.trace_only or FLAGS.skip_torch):
+      import torch  # pylint: disable=import-outside-toplevel
+      from benchmarks import torch_reference  # pylint: disable=import-outside-toplevel
+      self.torch, self.ref = torch, torch_reference
+      self.torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+      self.torch_dtype = getattr(torch, FLAGS.torch_dtype)
+      with tempfile.TemporaryDirectory() as folder:
+        diffusers_models.export_unet(self.params, self.config, folder)
+        self.torch_unet = torch_reference.load_unet(folder, self.torch_device, self.torch_dtype)
+
+  def parameter_count(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
+
+  # ----- helpers ------------------------------------------------------------------------
+
+  def _ours(self, jitted, args, flops_args=None):
+    """(first-call seconds, median seconds, flops) of jitted(*args)."""
+    start = time.perf_counter()
+    jax.block_until_ready(jitted(*args))
+    first = time.perf_counter() - start
+    median = median_seconds(lambda: jax.block_until_ready(jitted(*args)), FLAGS.reps)
+    flops = compiled_flops(jitted, *(flops_args or args)) if FLAGS.peak_tflops else None
+    return first, median, flops
+
+  def _torch_time(self, fn) -> Optional[float]:
+    if self.torch_unet is None:
+      return None
+    fn()  # warm-up
+    if self.torch_device == "cuda":
+      sync = self.torch.cuda.synchronize
+      return median_seconds(lambda: (fn(), sync()), FLAGS.reps)
+    return median_seconds(fn, FLAGS.reps)
+
+  def _t(self, array, nhwc=False):
+    return self.ref.to_torch(array, self.torch_device, self.torch_dtype, nhwc)
+
+  # ----- cases --------------------------------------------------------------------------
+
+  def unet_inputs(self, batch: int):
+    x = make_inputs(self.spec, self.dim, batch, seed=batch)
+    sample = np.concatenate([x["latents"], x["image"]], axis=-1)
+    t = np.full((batch,), 500, np.int32)
+    return sample, t, x["text"]
+
+  def forward_fn(self):
+    return jax.jit(self.unet.apply)
+
+  def backward_fn(self):
+    def loss(params, sample, t, text):
+      out = self.unet.apply({"params": params}, sample, t, text)
+      return jnp.mean(out.astype(jnp.float32) ** 2)
+    return jax.jit(jax.grad(loss))
+
+  def forward(self, batch: int) -> Row:
+    sample, t, text = self.unet_inputs(batch)
+    args = ({"params": self.params}, jnp.asarray(sample), jnp.asarray(t), jnp.asarray(text))
+    first, ours, flops = self._ours(self.forward_fn(), args)
+    torch_s = None
+    if self.torch_unet is not None:
+      ts, tt, tx = self._t(sample, True), self.torch.from_numpy(t).to(self.torch_device), \
+          self._t(text)
+      self.torch_unet.eval()
+
+      def run():
+        with self.torch.no_grad():
+          self.torch_unet(ts, tt, tx).sample.sum().item()
+      torch_s = self._torch_time(run)
+    return Row("UNet forward", batch, ours, torch_s, first, flops=flops)
+
+  def backward(self, batch: int) -> Row:
+    sample, t, text = self.unet_inputs(batch)
+    args = (self.params, jnp.asarray(sample), jnp.asarray(t), jnp.asarray(text))
+    first, ours, flops = self._ours(self.backward_fn(), args)
+    torch_s = None
+    if self.torch_unet is not None:
+      ts, tt, tx = self._t(sample, True), self.torch.from_numpy(t).to(self.torch_device), \
+          self._t(text)
+      self.torch_unet.train()
+
+      def run():
+        self.torch_unet.zero_grad(set_to_none=True)
+        out = self.torch_unet(ts, tt, tx).sample.float()
+        (out ** 2).mean().backward()
+        next(self.torch_unet.parameters()).grad.sum().item()
+      torch_s = self._torch_time(run)
+    return Row("UNet forward+backward", batch, ours, torch_s, first, flops=flops)
+
+  def trajectory(self) -> Row:
+    edits = FLAGS.edits
+    x = make_inputs(self.spec, self.dim, edits, seed=100)
+    sampler = sampling.make_trajectory_sampler(self.unet, self.schedule, self.sampler_config)
+    args = (self.params, edit_conditioning(x), jax.random.PRNGKey(0), sampling.Guidance())
+    first, ours, flops = self._ours(sampler, args)
+    flops = flops and flops * FLAGS.steps  # cost analysis counts a scan body once
+    if sampler._cache_size() != 1:  # pylint: disable=protected-access
+      raise RuntimeError("the trajectory sampler recompiled between calls")
+    torch_s = None
+    if self.torch_unet is not None:
+      scheduler = self.ref.make_scheduler(ddim.default_scheduler_config(), FLAGS.steps)
+      text, uncond, image = self._t(x["text"]), self._t(x["uncond"]), self._t(x["image"], True)
+      generator = self.torch.Generator(device=self.torch_device).manual_seed(0)
+      self.torch_unet.eval()
+      torch_s = self._torch_time(lambda: self.ref.sample_trajectory(
+          self.torch_unet, scheduler, text, uncond, image, generator).sum().item())
+    return Row(f"trajectory T={FLAGS.steps}", edits, ours, torch_s, first, "images/s",
+               edits, flops)
+
+  def ppo_batch(self, x) -> ppo.PPOBatch:
+    """A PPO minibatch of the shape the trainer builds (random chain, zero log-probs)."""
+    edits, steps = FLAGS.edits, FLAGS.steps
+    rng = np.random.default_rng(7)
+    latents = rng.standard_normal((edits, steps + 1, self.side, self.side, 4)).astype(np.float32)
+    return ppo.PPOBatch(
+        cond=edit_conditioning(x), latents=jnp.asarray(latents),
+        log_probs=jnp.zeros((edits, steps), jnp.float32),
+        advantages=jnp.asarray(rng.standard_normal(edits).astype(np.float32)),
+        timesteps=jnp.asarray(self.schedule.timesteps(steps), jnp.int32),
+        guidance=sampling.Guidance())
+
+  def ppo_update(self) -> Row:
+    edits, steps = FLAGS.edits, FLAGS.steps
+    x = make_inputs(self.spec, self.dim, edits, seed=200)
+    batch = self.ppo_batch(x)
+    step = ppo.make_train_step(self.unet, self.schedule, self.sampler_config, self.ppo_config)
+    holder = {"state": ppo.init_train_state(jax.random.PRNGKey(1), self.params,
+                                            self.ppo_config)[0]}
+
+    def run():
+      holder["state"], metrics = step(holder["state"], None, batch, jax.random.PRNGKey(2))
+      jax.block_until_ready(metrics)
+
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    ours = median_seconds(run, FLAGS.reps)
+    if step._cache_size() != 1:  # pylint: disable=protected-access
+      raise RuntimeError("the PPO train step recompiled between calls")
+    flops = (compiled_flops(step, holder["state"], None, batch, jax.random.PRNGKey(2))
+             if FLAGS.peak_tflops else None)
+    flops = flops and flops * steps  # cost analysis counts the scan body once
+    torch_s = None
+    if self.torch_unet is not None:
+      scheduler = self.ref.make_scheduler(ddim.default_scheduler_config(), steps)
+      update = self.ref.make_ppo_update(self.torch_unet, scheduler)
+      chain = self.torch.from_numpy(np.moveaxis(np.asarray(batch.latents), -1, 2).copy()).to(
+          self.torch_device, self.torch_dtype)
+      log_probs = self.torch.zeros((edits, steps), device=self.torch_device)
+      adv = self.torch.from_numpy(np.asarray(batch.advantages)).to(self.torch_device)
+      text, uncond, image = self._t(x["text"]), self._t(x["uncond"]), self._t(x["image"], True)
+      torch_s = self._torch_time(lambda: update(chain, log_probs, adv, text, uncond, image))
+    return Row(f"PPO update T={steps} (full)", edits, ours, torch_s, first, "pairs/s",
+               edits * steps, flops)
+
+  def trace(self) -> List[str]:
+    """Lowers (no compile, no run) our forward, backward, sampler and train step; FLOPs."""
+    lines = []
+    b = FLAGS.edits
+    side, length = self.side, self.spec["text_length"]
+    f32 = jnp.float32
+    sd = jax.ShapeDtypeStruct
+    args = ({"params": self.params}, sd((3 * b, side, side, 8), f32), sd((3 * b,), jnp.int32),
+            sd((3 * b, length, self.dim), f32))
+    lowered = {"UNet forward": self.forward_fn().lower(*args),
+               "UNet forward+backward": self.backward_fn().lower(self.params, *args[1:])}
+    cond = sampling.EditConditioning(text_embeds=sd((b, length, self.dim), f32),
+                                     uncond_text_embeds=sd((b, length, self.dim), f32),
+                                     image_latents=sd((b, side, side, 4), f32))
+    sampler = sampling.make_trajectory_sampler(self.unet, self.schedule, self.sampler_config)
+    lowered["trajectory"] = sampler.lower(self.params, cond, jax.random.PRNGKey(0),
+                                          sampling.Guidance())
+    state = jax.eval_shape(lambda p: ppo.init_train_state(jax.random.PRNGKey(1), p,
+                                                          self.ppo_config)[0], self.params)
+    steps = FLAGS.steps
+    batch = ppo.PPOBatch(cond=cond, latents=sd((b, steps + 1, side, side, 4), f32),
+                         log_probs=sd((b, steps), f32), advantages=sd((b,), f32),
+                         timesteps=sd((steps,), jnp.int32), guidance=sampling.Guidance())
+    step = ppo.make_train_step(self.unet, self.schedule, self.sampler_config, self.ppo_config)
+    lowered["PPO update"] = step.lower(state, None, batch, jax.random.PRNGKey(2))
+    for name, low in lowered.items():
+      analysis = low.cost_analysis() or {}
+      flops = analysis.get("flops") if isinstance(analysis, dict) else None
+      if flops is not None and name in ("trajectory", "PPO update"):
+        flops *= steps  # cost analysis counts a scan body once
+      lines.append(f"{name}: lowered OK, unet batch {3 * b}, "
+                   f"HLO FLOPs (pre-optimisation) {flops if flops is None else f'{flops:.3g}'}")
+    return lines
+
+
+def main(_):
+  bench = Bench(FLAGS.config)
+  print(f"config={FLAGS.config} unet_params={bench.parameter_count() / 1e6:.1f}M "
+        f"latents={bench.side}x{bench.side} T={FLAGS.steps} edits={FLAGS.edits} "
+        f"ours={FLAGS.dtype} on {jax.devices()[0].device_kind} (jax {jax.__version__}) "
+        f"attention={FLAGS.attention} reps={FLAGS.reps}")
+  if FLAGS.trace_only:
+    print("\n".join(bench.trace()))
+    return
+  if bench.torch_unet is not None:
+    import diffusers  # pylint: disable=import-outside-toplevel
+    print(f"PyTorch {bench.torch.__version__} ({FLAGS.torch_dtype}, {bench.torch_device}, "
+          f"{bench.torch.get_num_threads()} threads), diffusers {diffusers.__version__}")
+  print(Row.HEADER, flush=True)
+  for case in FLAGS.cases:
+    if case in ("forward", "backward"):
+      for batch in FLAGS.batches:
+        row = getattr(bench, case)(int(batch))
+        print(row.markdown(FLAGS.peak_tflops), flush=True)
+    elif case == "trajectory":
+      print(bench.trajectory().markdown(FLAGS.peak_tflops), flush=True)
+    elif case == "ppo":
+      print(bench.ppo_update().markdown(FLAGS.peak_tflops), flush=True)
+    else:
+      raise ValueError(f"unknown case {case!r}; choose from forward, backward, trajectory, ppo.")
+
+
+if __name__ == "__main__":
+  app.run(main)
