@@ -34,6 +34,10 @@ from rl4pix_jax.rewards.reference import reference_attention_maps
 from rl4pix_jax.tokenizer import tokenize
 
 
+# Kernels with fewer elements stay replicated (config.mesh.fsdp_min_size overrides it).
+DEFAULT_FSDP_MIN_SIZE = 2 ** 18
+
+
 class TrainingError(RuntimeError):
   """The run cannot continue (inconsistent config, repeated non-finite updates, ...)."""
 
@@ -147,6 +151,19 @@ def _host(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def _place(tree, shardings):
+  """Global arrays (fresh buffers, safe to donate) from a tree every process holds whole.
+
+  ``jax.make_array_from_callback`` copies each process's own shards from its host copy; unlike
+  ``jax.device_put`` of host data on several processes it runs no cross-process equality check
+  (one collective per leaf).
+  """
+  def place(x, sharding):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree_util.tree_map(place, tree, shardings)
+
+
 class MetricsLog:
   """metrics.jsonl + TensorBoard (process 0 only); truncates epochs >= a resume point."""
 
@@ -236,13 +253,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   split = parallel.batch_sharding(mesh)
 
   # ---- state -----------------------------------------------------------------------------
+  # The UNet, the train state (its params and AdamW moments) and the frozen LoRA base are
+  # placed by the sharding rules: large kernels split over 'fsdp', the rest replicated.
   base_key = jax.random.PRNGKey(config.seed)
-  replicate = lambda tree: parallel.shard_params(
-      tree, jax.tree_util.tree_map(lambda _: replicated, tree))
-  unet_params = replicate(setup.params.unet)
-  state, frozen = ppo.init_train_state(jax.random.fold_in(base_key, 1), unet_params,
-                                       config.ppo)
-  state = replicate(state)
+  replicate = lambda tree: _place(tree, jax.tree_util.tree_map(lambda _: replicated, tree))
+  rules = parallel.default_sharding_rules(
+      int(config.mesh.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)))
+  unet_shardings = parallel.param_shardings(setup.params.unet, mesh, rules)
+  unet_params = _place(setup.params.unet, unet_shardings)
+  init_key = replicate(jax.random.fold_in(base_key, 1))
+  init_state = lambda key, unet: ppo.init_train_state(key, unet, config.ppo)[0]
+  state_shardings = ppo.train_state_shardings(
+      jax.eval_shape(init_state, init_key, unet_params), mesh, rules)
+  state = jax.jit(init_state, out_shardings=state_shardings)(init_key, unet_params)
+  # "lora": the frozen base is the sharded UNet; "full": no frozen params.
+  frozen = unet_params if ppo.PPOConfig.from_config(config.ppo).trainable == "lora" else None
+  frozen_shardings = unet_shardings if frozen is not None else None
   tracker = advantages_lib.PerPromptStatTracker(config.ppo.stat_buffer_size,
                                                 config.ppo.stat_min_count)
   checkpointer = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
@@ -259,18 +285,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   log = MetricsLog(workdir, start_epoch, is_main)
 
   # ---- compiled functions ----------------------------------------------------------------
-  frozen_params = setup.params
-  sampler = sampling.make_trajectory_sampler(models.unet, models.schedule, sampler_config, mesh)
+  # Text encoder and VAE (the UNet is not needed there), replicated on the global mesh.
+  frozen_params = replicate(setup.params.replace(unet={}))
+  sampler = sampling.make_trajectory_sampler(models.unet, models.schedule, sampler_config, mesh,
+                                             param_shardings=unet_shardings)
   train_step = ppo.make_train_step(models.unet, models.schedule, sampler_config, config.ppo,
-                                   mesh)
+                                   mesh, state_shardings=state_shardings,
+                                   frozen_shardings=frozen_shardings)
   reward_fn = jax.jit(make_reward_fn(config.reward, setup.clip_text_model,
                                      setup.clip_vision_model))
   policy = jax.jit(lambda trainable, base: ppo.policy_params(trainable, base, config.ppo),
-                   out_shardings=replicated)
+                   in_shardings=(state_shardings.params, frozen_shardings),
+                   out_shardings=unet_shardings)
   uncond_ids = jnp.asarray(tokenize(tokenizer, [""]))
 
-  @jax.jit
-  def encode(params, arrays):
+  def encode_fn(params, arrays):
     batch = arrays["input_ids"].shape[0]
     uncond = pipeline.encode_text(models, params, uncond_ids)
     return sampling.EditConditioning(
@@ -279,7 +308,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
         image_latents=pipeline.encode_images(models, params, arrays["source"]),
         token_index=arrays["token_index"], token_mask=arrays["token_mask"])
 
-  decode = jax.jit(lambda params, latents: pipeline.decode_latents(models, params, latents))
+  # Per-example outputs split like the batch (the sampler's in_shardings expect that).
+  encode = jax.jit(encode_fn, out_shardings=split)
+  clip_params = None if setup.clip_params is None else replicate(setup.clip_params)
+  decode = jax.jit(lambda params, latents: pipeline.decode_latents(models, params, latents),
+                   out_shardings=split)
   use_reference = (config.reward.attention_weight != 0
                    and config.reward.attention_region == "reference")
   reference = None
@@ -304,7 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
       current_unet = (policy(state.params, frozen) if frozen is not None
                       else state.params)
       samples, rewards, components, example_ids, texts = [], [], {}, [], []
-      grid = None
+      grid, pictured = None, False
       for i in range(sizes.num_sample_batches):
         batch = next(data_iterator)
         arrays = parallel.global_batch_from_process_local(
@@ -329,18 +362,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
             attention_maps=trajectory.attention_maps, reference_region=region,
             caption_ids=arrays["caption_ids"], source_caption_ids=arrays["source_caption_ids"],
             input_ids=arrays["input_ids"])
-        reward, parts = reward_fn(setup.clip_params, inputs)
+        reward, parts = reward_fn(clip_params, inputs)
         samples.append((cond, trajectory))
         rewards.append(_host(reward))
         for name, value in parts.items():
           components.setdefault(name, []).append(_host(value))
         example_ids.append(ids)
         texts.extend(batch.texts["instruction"])
-        if grid is None and is_main and config.train.image_every and (
+        if not pictured and config.train.image_every and (
             epoch % config.train.image_every == 0 or epoch == end_epoch - 1):
-          grid = sample_grid(_host(source_01), _host(edited),
-                             _host(trajectory.attention_map_mean),
-                             list(batch.texts["instruction"]), epoch)
+          # _host is a collective across processes: every process gathers, process 0 draws.
+          pictures = (_host(source_01), _host(edited), _host(trajectory.attention_map_mean))
+          pictured = True
+          if is_main:  # process 0's texts caption the first rows of the global batch
+            texts_0 = list(batch.texts["instruction"])
+            grid = sample_grid(*pictures, texts_0, epoch, limit=min(8, len(texts_0)))
       all_rewards = np.concatenate(rewards)
       keys = [str(int(j)) for j in np.concatenate(example_ids)]
       advantages = tracker.update(keys, all_rewards)
