@@ -19,8 +19,7 @@ import ml_collections
 
 from rl4pix_jax import pipeline
 from rl4pix_jax.data import loader as loader_lib
-from rl4pix_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
-from rl4pix_jax.models.clip import CLIPVisionModel
+from rl4pix_jax.models.clip import CLIPTextModel, CLIPVisionModel
 from rl4pix_jax.models.unet import UNetConfig
 from rl4pix_jax.models.vae import VAEConfig
 from rl4pix_jax.tokenizer import load_clip_tokenizer
@@ -52,15 +51,6 @@ def _reward_clip(config: ml_collections.ConfigDict):
           {"text": loaded.text_params, "vision": loaded.vision_params})
 
 
-def models_from_stage_configs(model_config: ml_collections.ConfigDict, unet: dict, vae: dict,
-                              text: dict, dtype: Any, remat: bool) -> pipeline.EditorModels:
-  """EditorModels from diffusers/transformers-style config dicts (the shapes default)."""
-  return pipeline.build_models(
-      UNetConfig.from_dict(unet), VAEConfig.from_dict(vae),
-      CLIPTextConfig.from_transformers(dict(text), projection_dim=text.get("projection_dim")),
-      model_config.scheduler, dtype, remat)
-
-
 def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLSetup:
   """Builds the RL starting point described in the module docstring."""
   dtype = pipeline.compute_dtype(config.model.dtype)
@@ -69,23 +59,23 @@ def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLS
         config.model.pretrained, dtype, config.model.remat)
     text_model, vision_model, clip_params = _reward_clip(config)
     return RLSetup(models, params, tokenizer, text_model, vision_model, clip_params)
-  from rl4pix_jax.pretrain import stage_checkpoint  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.pretrain import clip_training, stage_checkpoint
   root = stages_dir(config, workdir)
   vae_params, vae_meta = stage_checkpoint.latest_stage_params(root, "vae")
   clip_params, clip_meta = stage_checkpoint.latest_stage_params(root, "clip")
   unet_params, unet_meta = stage_checkpoint.latest_stage_params(root, "unet")
-  vae_config = dict(vae_meta["vae"])
-  models = models_from_stage_configs(config.model, unet_meta["unet"], vae_config,
-                                     clip_meta["text_encoder"], dtype, config.model.remat)
+  text_model, vision_model = clip_training.make_clip(clip_meta["models"]["clip"])
+  models = pipeline.build_models(
+      UNetConfig.from_dict(dict(unet_meta["models"]["unet"])),
+      VAEConfig.from_dict(dict(vae_meta["models"]["vae"])), text_model.config,
+      config.model.scheduler, dtype, config.model.remat)
   params = pipeline.EditorParams(unet=unet_params, vae=vae_params,
                                  text_encoder=clip_params["text"])
-  vision_config = CLIPVisionConfig.from_transformers(
-      dict(clip_meta["vision_encoder"]),
-      projection_dim=clip_meta["vision_encoder"].get("projection_dim"))
   return RLSetup(models=models, params=params, tokenizer=load_clip_tokenizer(),
                  clip_text_model=models.text_encoder,
-                 clip_vision_model=CLIPVisionModel(vision_config, dtype=dtype),
-                 clip_params=clip_params)
+                 clip_vision_model=CLIPVisionModel(vision_model.config, dtype=dtype),
+                 clip_params={"text": clip_params["text"], "vision": clip_params["vision"]})
 
 
 def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -253,7 +253,11 @@ def test_two_processes_match_one_process_and_restore_in_one(runs):
   # cross-process gradient reduction, amplified by AdamW's g / (|g| + 1e-8) for tiny g.
   assert diff <= 2e-5
   assert two_host["epoch"] == one_host["epoch"] == 0
-  assert two_host["tracker"] == one_host["tracker"]
+  # Rewards agree to float32 rounding (one measured 2.4e-7 relative apart), not bitwise.
+  two_buffers, one_buffers = two_host["tracker"]["buffers"], one_host["tracker"]["buffers"]
+  assert sorted(two_buffers) == sorted(one_buffers)
+  for key, values in two_buffers.items():
+    np.testing.assert_allclose(values, one_buffers[key], rtol=1e-5)
   m2, m1 = _metrics(runs["two_processes"]), _metrics(runs["one_process"])
   assert [m["epoch"] for m in m2] == [0]  # process 0 wrote metrics once
   np.testing.assert_allclose(m2[0]["reward_mean"], m1[0]["reward_mean"], rtol=1e-5)

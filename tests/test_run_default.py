@@ -1,0 +1,45 @@
+"""Smoke test of the whole default (launch.run_default) with a couple of steps per stage."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = [
+    "--config.data.train_size=16", "--config.data.validation_size=4",
+    "--config.data.test_size=4", "--config.pretrain.vae.steps=2",
+    "--config.pretrain.clip.steps=2", "--config.pretrain.unet.steps=2",
+    "--config.pretrain.vae.batch_size=4", "--config.pretrain.clip.batch_size=4",
+    "--config.pretrain.unet.batch_size=4", "--config.sampler.num_steps=2",
+    "--config.train.num_epochs=1", "--config.train.sample_batch_size=2",
+    "--config.train.num_sample_batches=1", "--config.train.train_batch_size=2",
+    "--config.data.num_threads=1",
+]
+
+
+def test_run_default_smoke(tmp_path):
+  workdir = tmp_path / "shapes"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path),
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  command = [sys.executable, "-m", "launch.run_default", f"--workdir={workdir}",
+             "--max_eval_examples=4", *SMOKE]
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  for stage in ("vae", "clip", "unet"):
+    assert os.path.exists(workdir / stage / "model_config.json"), stage
+  assert os.listdir(workdir / "rl" / "checkpoints")
+  report = json.load(open(workdir / "results.json", encoding="utf-8"))
+  assert report
+  assert (workdir / "results.md").read_text().count("|") > 4
+  timings = json.load(open(workdir / "timings.json", encoding="utf-8"))
+  assert set(timings) >= {"pretrain_vae", "pretrain_clip", "pretrain_unet", "rl", "total"}
+  # Rerunning skips every finished stage.
+  again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=1500)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("skipped") + again.stderr.count("skipped") >= 3
