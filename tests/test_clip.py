@@ -20,6 +20,8 @@ from safetensors.numpy import load_file, save_file
 from rl4pix_jax.models import clip
 from rl4pix_jax.weights import transformers_clip as tc
 from rl4pix_jax.weights.folders import WeightsError
+from tests.torch_parity import assert_close as _assert_close
+from tests.torch_parity import randomise as _randomise
 
 TEXT_KW = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=16)
@@ -28,27 +30,6 @@ VISION_KW = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_
 PROJECTION_DIM = 12
 BATCH = 3
 EOS = 500  # eos id of the text model with the modern pooling rule; ids above it occur.
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      noise = torch.randn(param.shape, generator=generator)
-      if "layer_norm" in name or "layrnorm" in name or "layernorm" in name:
-        param.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
-      else:
-        param.copy_(0.3 * noise)
-  return model.eval()
-
-
-def _assert_close(actual, reference, what):
-  actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
-  assert actual.shape == reference.shape, (what, actual.shape, reference.shape)
-  diff = float(np.max(np.abs(actual - reference)))
-  tolerance = 1e-4 * (1.0 + float(np.max(np.abs(reference))))
-  print(f"{what}: max abs diff {diff:.2e} (max |ref| {np.max(np.abs(reference)):.2f})")
-  assert diff <= tolerance, f"{what}: max abs diff {diff} > {tolerance}"
 
 
 def _input_ids(vocab_size, eos_token_id, lengths, seed):

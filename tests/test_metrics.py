@@ -20,32 +20,13 @@ from rl4pix_jax.models import clip
 from rl4pix_jax.models import vit
 from rl4pix_jax.weights import transformers_clip as tc
 from rl4pix_jax.weights import transformers_vit as tv
+from tests.torch_parity import assert_close as _assert_close
+from tests.torch_parity import randomise as _randomise
 
 TOWER_KW = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 CLIP_IMAGE = 16
 VIT_IMAGE = 32
 EOS = 999
-
-
-def _randomise(model, seed):
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      noise = torch.randn(param.shape, generator=generator)
-      if "norm" in name or "layrnorm" in name:
-        param.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
-      else:
-        param.copy_(0.3 * noise)
-  return model.eval()
-
-
-def _assert_close(actual, reference, what):
-  actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
-  assert actual.shape == reference.shape, (what, actual.shape, reference.shape)
-  diff = float(np.max(np.abs(actual - reference)))
-  tolerance = 1e-4 * (1.0 + float(np.max(np.abs(reference))))
-  print(f"{what}: max abs diff {diff:.2e}")
-  assert diff <= tolerance, f"{what}: max abs diff {diff} > {tolerance}"
 
 
 def _cosine(a, b):

@@ -18,6 +18,7 @@ from rl4pix_jax import ddim, rewards, sampling
 from rl4pix_jax.models import clip
 from rl4pix_jax.weights import transformers_clip
 from tests import tiny_models
+from tests.torch_parity import randomise as _randomise
 
 B, T, R = 3, 4, 8
 IMAGE = 16  # pixels; also the tiny CLIP's image_size
@@ -229,17 +230,6 @@ def test_reference_maps_errors(reference_setup):
 
 
 # ---- CLIP rewards against PyTorch transformers --------------------------------------------
-
-def _randomise(model, seed):
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      noise = torch.randn(param.shape, generator=generator)
-      if "norm" in name:
-        param.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
-      else:
-        param.copy_(0.3 * noise)
-  return model.eval()
 
 
 def _ids(seed, batch=B, eos=999):

@@ -21,30 +21,11 @@ from safetensors.numpy import load_file, save_file
 from rl4pix_jax.models import vit
 from rl4pix_jax.weights import transformers_vit as tv
 from rl4pix_jax.weights.folders import WeightsError
+from tests.torch_parity import assert_close as _assert_close
+from tests.torch_parity import randomise as _randomise
 
 VIT_KW = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               image_size=32, patch_size=8, hidden_act="gelu", layer_norm_eps=1e-6)
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      noise = torch.randn(param.shape, generator=generator)
-      if "layernorm" in name:
-        param.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
-      else:
-        param.copy_(0.3 * noise)
-  return model.eval()
-
-
-def _assert_close(actual, reference, what):
-  actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
-  assert actual.shape == reference.shape, (what, actual.shape, reference.shape)
-  diff = float(np.max(np.abs(actual - reference)))
-  tolerance = 1e-4 * (1.0 + float(np.max(np.abs(reference))))
-  print(f"{what}: max abs diff {diff:.2e} (max |ref| {np.max(np.abs(reference)):.2f})")
-  assert diff <= tolerance, f"{what}: max abs diff {diff} > {tolerance}"
 
 
 @pytest.fixture(scope="module")
