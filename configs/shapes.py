@@ -62,17 +62,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # ---- supervised stages (the default trains its own tiny models) ---------------------
   c.pretrain = ml_collections.ConfigDict()
-  # Steps aimed at ~12 min for the three stages on 2 idle CPU cores (uncontended step times:
-  # vae 0.27 s, unet 0.54 s at batch 32). NOT yet enough for the editor to learn to edit:
-  # see the pretrain report; measured 22.9 min on 2 cores shared with other jobs.
+  # Every stage: AdamW with global-norm clipping, linear warmup then cosine decay to
+  # learning_rate x final_lr_fraction (pretrain.training_loop.stage_optimizer).
+  # vae: L1 + mse_weight x MSE (+ a tiny KL). With L1 alone the VAE drew every object in the
+  # palette's mean colour for its first ~600 steps, and no editor can beat its decoder: the
+  # stage reports the "edit ceiling" (the shapes check of VAE(target) on validation).
   # unet dropout: text only / image only / both, as InstructPix2Pix trains (5% each).
-  c.pretrain.vae = dict(steps=600, batch_size=32, learning_rate=1e-3, kl_weight=1e-6,
-                        log_every=50, checkpoint_every=200)
-  c.pretrain.clip = dict(steps=400, batch_size=64, learning_rate=1e-3, log_every=50,
-                         checkpoint_every=200)
-  c.pretrain.unet = dict(steps=700, batch_size=32, learning_rate=1e-3, log_every=50,
-                         checkpoint_every=250, text_dropout=0.05, image_dropout=0.05,
-                         both_dropout=0.05)
+  # These three stages are what checkpoints/shapes_supervised/ ships (see README).
+  c.pretrain.vae = dict(steps=2000, batch_size=32, learning_rate=3e-3, warmup_steps=50,
+                        final_lr_fraction=0.05, mse_weight=1.0, kl_weight=1e-6,
+                        log_every=100, checkpoint_every=500)
+  c.pretrain.clip = dict(steps=400, batch_size=64, learning_rate=1e-3, warmup_steps=20,
+                         final_lr_fraction=0.1, log_every=50, checkpoint_every=200)
+  c.pretrain.unet = dict(steps=3000, batch_size=32, learning_rate=1e-3, warmup_steps=100,
+                         final_lr_fraction=0.05, log_every=100, checkpoint_every=500,
+                         text_dropout=0.05, image_dropout=0.05, both_dropout=0.05)
 
   # ---- policy rollout -----------------------------------------------------------------
   c.sampler = ml_collections.ConfigDict()

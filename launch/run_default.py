@@ -1,11 +1,16 @@
 """The embedded default, end to end: data -> VAE -> CLIP -> editor UNet -> RL -> evaluation.
 
-    python -m launch.run_default --workdir=runs/shapes
-    python -m launch.run_default --workdir=runs/smoke --config.pretrain.unet.steps=2 ...
+    python -m launch.run_default --workdir=runs/shapes                       # shipped stages
+    python -m launch.run_default --workdir=runs/shapes --supervised=train    # train them too
+    python -m launch.run_default --workdir=runs/smoke --supervised=train \
+        --config.pretrain.unet.steps=2 ...
 
-Each stage is the project's own command run as a subprocess (the commands a user would run by
-hand, printed before they run), and each is skipped when its final checkpoint exists, so an
-interrupted default resumes where it stopped. ``--config.*`` overrides are passed to every
+``--supervised=shipped`` (the default) copies the supervised stages that the repository ships
+in ``checkpoints/shapes_supervised/`` (trained by ``--supervised=train`` with the default
+config; they are refused when the config differs in a field they depend on);
+``--supervised=train`` trains them. Each stage is the project's own command run as a
+subprocess (the commands a user would run by hand, printed before they run), and each is
+skipped when its final checkpoint exists, so an interrupted default resumes where it stopped. ``--config.*`` overrides are passed to every
 stage. At the end the supervised editor and the RL editor are evaluated on the same held-out
 examples and seeds, and ``<workdir>/results.md`` / ``results.json`` compare them
 (``launch.evaluate --compare_no_rl``); ``timings.json`` holds each stage's wall time.
@@ -25,6 +30,11 @@ flags.DEFINE_string("workdir", "runs/shapes", "Folder of the whole default run."
 flags.DEFINE_string("config", "configs/shapes.py", "Config file (ml_collections).")
 flags.DEFINE_integer("max_eval_examples", 200, "Held-out test examples to evaluate.")
 flags.DEFINE_bool("evaluate", True, "Evaluate the supervised and the RL editor at the end.")
+flags.DEFINE_enum("supervised", "shipped", ["shipped", "train"],
+                  "shipped: copy the repository's supervised stages (checkpoints/"
+                  "shapes_supervised); train: train VAE, CLIP and editor UNet here.")
+flags.DEFINE_string("shipped_dir", None, "Folder of the shipped supervised stages "
+                    "(default: the repository's checkpoints/shapes_supervised).")
 
 
 def config_overrides(argv: List[str]) -> List[str]:
@@ -58,6 +68,8 @@ def main(argv):
   python = sys.executable
   timings = {}
   began = time.perf_counter()
+  if FLAGS.supervised == "shipped":
+    timings["install_supervised"] = install_shipped(workdir, overrides)
   for stage in ("vae", "clip", "unet"):
     timings[f"pretrain_{stage}"] = run_stage(
         f"pretrain {stage}", [python, "-m", "launch.pretrain",
@@ -74,6 +86,27 @@ def main(argv):
     json.dump(timings, f, indent=2)
   print("\n[run_default] wall time per stage (s): " +
         ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), flush=True)
+
+
+def install_shipped(workdir: str, overrides: List[str]) -> float:
+  """Copies the shipped supervised stages into ``workdir``; returns the seconds it took."""
+  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags
+  from rl4pix_jax.pretrain import shipped
+  began = time.perf_counter()
+  holder = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", FLAGS.config, flag_values=holder)
+  holder(["run_default", *overrides])  # the config file with the stages' --config.* overrides
+  root = FLAGS.shipped_dir or shipped.SHIPPED_DIR
+  for stage in ("vae", "clip", "unet"):
+    try:
+      copied = shipped.install_stage(root, workdir, stage, holder.config)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+      raise SystemExit(f"[run_default] {e}") from e
+    print(f"[run_default] {stage}: " + (f"installed the shipped checkpoint from {root}"
+                                        if copied else "already complete in the workdir"),
+          flush=True)
+  return time.perf_counter() - began
 
 
 def evaluate_both(python: str, workdir: str, rl_dir: str) -> dict:

@@ -11,10 +11,12 @@ import pytest
 
 from configs import shapes as shapes_config
 from rl4pix_jax import ddim
+from rl4pix_jax.data import shapes_check
 from rl4pix_jax.pretrain import clip_training
 from rl4pix_jax.pretrain import data as data_lib
 from rl4pix_jax.pretrain import editor_check
 from rl4pix_jax.pretrain import editor_training
+from rl4pix_jax.pretrain import shipped
 from rl4pix_jax.pretrain import stage_checkpoint as ckpt
 from rl4pix_jax.pretrain import training_loop
 from rl4pix_jax.pretrain import vae_training
@@ -248,3 +250,129 @@ def test_evaluate_editor_quickly_scores_edits_and_baseline(trained_workdir, tmp_
   assert results["source_l1_to_target"] > 0  # every edit changes some pixels
   assert results["source_edit_ok"] < 1.0  # returning the source does not do the edits
   assert os.path.getsize(grid) > 0
+
+
+def test_stage_optimizer_schedule_warms_up_then_decays():
+  settings = dict(learning_rate=1e-2, warmup_steps=10, final_lr_fraction=0.1)
+  optimizer = training_loop.stage_optimizer(settings, 110)
+  params = {"w": jnp.zeros(())}
+  state = optimizer.init(params)
+  # Adam's first update is -lr * sign(g) (to eps), so the step size reads off the schedule.
+  sizes = []
+  for _ in range(110):
+    updates, state = optimizer.update({"w": jnp.ones(())}, state, params)
+    sizes.append(-float(updates["w"]))
+  assert sizes[0] == pytest.approx(0.0, abs=1e-9)  # linear warmup from 0
+  assert sizes[10] == pytest.approx(1e-2, rel=1e-5)  # peak after warmup
+  # cosine: lr(t) = final + (peak - final) * (1 + cos(pi * (t - 10) / 100)) / 2
+  expected = 1e-3 + (1e-2 - 1e-3) * (1 + np.cos(np.pi * 50 / 100)) / 2
+  assert sizes[60] == pytest.approx(expected, rel=1e-4)
+  assert sizes[-1] == pytest.approx(1e-3 + 9e-3 * (1 + np.cos(np.pi * 99 / 100)) / 2, rel=1e-4)
+
+
+def test_stage_optimizer_constant_and_short_stage_and_bad_values():
+  constant = training_loop.stage_optimizer(dict(learning_rate=0.5), 3)
+  state = constant.init({"w": jnp.zeros(())})
+  for _ in range(3):
+    updates, state = constant.update({"w": jnp.ones(())}, state, {"w": jnp.zeros(())})
+    assert float(updates["w"]) == pytest.approx(-0.5, rel=1e-4)
+  # A 2-step smoke run with the default's warmup still takes a non-zero second step.
+  short = training_loop.stage_optimizer(dict(learning_rate=1.0, warmup_steps=100), 2)
+  state = short.init({"w": jnp.zeros(())})
+  sizes = []
+  for _ in range(2):
+    updates, state = short.update({"w": jnp.ones(())}, state, {"w": jnp.zeros(())})
+    sizes.append(-float(updates["w"]))
+  assert sizes[0] == 0.0 and sizes[1] > 0.5
+  with pytest.raises(ValueError, match="final_lr_fraction"):
+    training_loop.stage_optimizer(dict(learning_rate=1.0, final_lr_fraction=2.0), 10)
+
+
+def test_vae_loss_adds_weighted_mse_to_l1_and_kl(trained_workdir):
+  config, workdir = trained_workdir
+  model = vae_training.make_vae(config)
+  params, _ = ckpt.latest_stage_params(workdir, "vae")
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  key = jax.random.PRNGKey(3)
+  loss, metrics = vae_training.vae_loss(model, params, images, key, 1e-3, 2.0)
+  # independent recomputation with the same posterior sample
+  mean, logvar = model.apply({"params": params}, images, method=model.encode)
+  latents = np.asarray(mean) + np.exp(0.5 * np.asarray(logvar)) * np.asarray(
+      jax.random.normal(key, mean.shape))
+  recon = np.asarray(model.apply({"params": params}, latents, method=model.decode))
+  kl = 0.5 * (np.asarray(mean)**2 + np.exp(np.asarray(logvar)) - 1 - np.asarray(logvar))
+  expected = (np.abs(recon - images).mean() + 2.0 * ((recon - images)**2).mean() +
+              1e-3 * kl.reshape(2, -1).sum(-1).mean())
+  assert float(loss) == pytest.approx(expected, rel=1e-4)
+  assert float(metrics["mse"]) == pytest.approx(((recon - images)**2).mean(), rel=1e-4)
+
+
+def test_edit_ceiling_is_the_shapes_check_of_reconstructed_targets(trained_workdir):
+  config, workdir = trained_workdir
+  model = vae_training.make_vae(config)
+  params, _ = ckpt.latest_stage_params(workdir, "vae")
+  dataset_dir = data_lib.ensure_shapes_dataset(config, workdir)
+  ceiling = vae_training.edit_ceiling(model, params, dataset_dir, 16, max_examples=4)
+  targets = data_lib.load_split(dataset_dir, "validation", 16, 4).arrays["target"]
+  examples = data_lib.load_examples(dataset_dir, "validation", 4)
+  rebuilt = np.clip(np.asarray(model.apply({"params": params}, targets)), -1, 1)
+  checks = [shapes_check.check_edit(im, ex) for im, ex in zip(rebuilt, examples)]
+  for key in ("success", "edit_ok", "preserved_ok", "outside_change"):
+    assert ceiling[key] == pytest.approx(np.mean([c[key] for c in checks]), rel=1e-5)
+  assert ceiling["outside_change"] > 0  # a 2-step VAE does not reproduce its input
+  assert "edit_ceiling" in ckpt.read_model_config(workdir, "vae")["metadata"]
+
+
+def test_shipped_stage_round_trip_and_refusals(trained_workdir, tmp_path):
+  config, workdir = trained_workdir
+  shelf = str(tmp_path / "shipped")
+  for stage in ckpt.STAGES:
+    folder = shipped.export_stage(workdir, stage, config, shelf)
+    assert not os.path.exists(os.path.join(folder, "2", "opt_state"))  # params only
+  fresh = str(tmp_path / "run")
+  for stage in ckpt.STAGES:
+    assert shipped.install_stage(shelf, fresh, stage, config)
+    assert ckpt.stage_complete(fresh, stage)
+    ours, _ = ckpt.latest_stage_params(fresh, stage)
+    theirs, _ = ckpt.latest_stage_params(workdir, stage)
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+    assert not shipped.install_stage(shelf, fresh, stage, config)  # already complete
+  # trained with the same config: the editor stage skips training in the new run
+  before = os.listdir(ckpt.stage_dir(fresh, "unet"))
+  editor_training.train_editor(config, fresh)
+  assert os.listdir(ckpt.stage_dir(fresh, "unet")) == before
+  other = tiny_config()
+  other.data.data_dir = config.data.data_dir
+  other.pretrain.unet.learning_rate = 0.5
+  other.pretrain.unet.log_every = 7  # logging settings do not count
+  with pytest.raises(ValueError, match=r"(?s)pretrain.unet.learning_rate: shipped 0.001, "
+                     r"config 0.5\n.*--supervised=train"):
+    shipped.install_stage(shelf, str(tmp_path / "other"), "unet", other)
+  # the VAE does not depend on the editor's settings
+  assert shipped.install_stage(shelf, str(tmp_path / "other"), "vae", other)
+  with pytest.raises(FileNotFoundError, match="No shipped clip checkpoint"):
+    shipped.install_stage(str(tmp_path / "empty"), fresh + "2", "clip", config)
+  unfinished = tmp_path / "unfinished"
+  (unfinished / "vae").mkdir(parents=True)
+  (unfinished / "vae" / "keep.txt").write_text("partial run")
+  with pytest.raises(FileExistsError, match="unfinished vae"):
+    shipped.install_stage(shelf, str(unfinished), "vae", config)
+  assert (unfinished / "vae" / "keep.txt").read_text() == "partial run"
+
+
+def test_repository_ships_stages_of_the_default_config():
+  """The shipped checkpoints match configs/shapes.py and the models it builds."""
+  config = shapes_config.get_config()
+  for stage in ckpt.STAGES:
+    folder = ckpt.stage_dir(shipped.SHIPPED_DIR, stage)
+    size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(folder) for n in ns)
+    assert 0 < size <= 20 * 2**20, (stage, size)
+    model_config = ckpt.read_model_config(shipped.SHIPPED_DIR, stage)
+    assert not shipped.fingerprint_differences(
+        model_config["metadata"][shipped.FINGERPRINT_KEY], shipped.stage_fingerprint(config, stage))
+  params, model_config = ckpt.latest_stage_params(shipped.SHIPPED_DIR, "unet")
+  unet = editor_training.make_unet(config.model.unet)
+  expected = jax.eval_shape(lambda: unet.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 8)), jnp.zeros((1,), jnp.int32),
+      jnp.zeros((1, 77, 64))))["params"]
+  assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, expected)

@@ -26,7 +26,7 @@ def test_run_default_smoke(tmp_path):
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   command = [sys.executable, "-m", "launch.run_default", f"--workdir={workdir}",
-             "--max_eval_examples=4", *SMOKE]
+             "--supervised=train", "--max_eval_examples=4", *SMOKE]
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1500)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -43,3 +43,15 @@ def test_run_default_smoke(tmp_path):
                          timeout=1500)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("skipping") >= 3, again.stdout[-3000:]
+
+
+def test_run_default_refuses_shipped_stages_of_another_config(tmp_path):
+  """The shipped stages were trained at 32 pixels: a 16-pixel run must train its own."""
+  command = [sys.executable, "-m", "launch.run_default", f"--workdir={tmp_path / 'run'}",
+             "--config.resolution=16"]
+  result = subprocess.run(command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode != 0
+  assert "resolution: shipped 32, config 16" in result.stderr, result.stderr[-3000:]
+  assert "--supervised=train" in result.stderr
+  assert not os.path.exists(tmp_path / "run" / "vae")

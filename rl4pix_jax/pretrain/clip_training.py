@@ -126,7 +126,7 @@ def train_clip(config, workdir: str) -> Dict[str, Any]:
   text_model, vision_model = make_clip(model_config)
   params = init_clip_params(text_model, vision_model, jax.random.PRNGKey(config.seed + 2),
                             config.resolution)
-  optimizer = optax.adamw(settings["learning_rate"], weight_decay=0.0)
+  optimizer = training_loop.stage_optimizer(settings, settings["steps"])
   opt_state = optimizer.init(params)
   train_step = make_clip_train_step(text_model, vision_model, optimizer)
   size = len(train.arrays["source"])

@@ -167,8 +167,7 @@ def train_editor(config, workdir: str) -> Dict[str, Any]:
   params = unet.init(jax.random.PRNGKey(config.seed + 3),
                      jnp.zeros((1, side, side, unet.config.in_channels)),
                      jnp.zeros((1,), jnp.int32), jnp.asarray(encoded["text"][:1]))["params"]
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                          optax.adamw(settings["learning_rate"], weight_decay=0.0))
+  optimizer = training_loop.stage_optimizer(settings, settings["steps"])
   opt_state = optimizer.init(params)
   scheduler_config = dict(config.model.scheduler)
   schedule = ddim.DDIMSchedule.from_config(scheduler_config)

@@ -9,10 +9,40 @@ from typing import Any, Callable, Dict
 
 import jax
 import numpy as np
+import optax
 from absl import logging
 from tqdm import tqdm
 
 from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+
+
+def stage_optimizer(settings, num_steps: int) -> optax.GradientTransformation:
+  """AdamW (no weight decay) with global-norm clipping and a warmup + cosine schedule.
+
+  Args:
+    settings: the stage's config dict: ``learning_rate`` (peak), and optionally
+      ``warmup_steps`` (linear from 0, default 0; at most half the stage, so a smoke run with
+      a couple of steps still trains), ``final_lr_fraction`` (the cosine ends at peak x this,
+      default 1.0 = constant after warmup) and ``max_grad_norm`` (default 1.0).
+    num_steps: the stage's total number of steps (the cosine's length).
+  """
+  peak = float(settings["learning_rate"])
+  final = float(settings.get("final_lr_fraction", 1.0))
+  requested = int(settings.get("warmup_steps", 0))
+  if requested < 0 or not 0.0 <= final <= 1.0 or num_steps < 1:
+    raise ValueError(f"Learning-rate schedule: warmup_steps={requested} must be >= 0, "
+                     f"final_lr_fraction={final} in [0, 1] and steps={num_steps} >= 1.")
+  warmup = min(requested, num_steps // 2)
+  if warmup < requested:
+    logging.warning("warmup_steps=%d is more than half of steps=%d: warming up for %d.",
+                    requested, num_steps, warmup)
+  if warmup == 0 and final == 1.0:
+    schedule = optax.constant_schedule(peak)
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(0.0 if warmup else peak, peak, warmup,
+                                                  max(num_steps, warmup + 1), peak * final)
+  return optax.chain(optax.clip_by_global_norm(float(settings.get("max_grad_norm", 1.0))),
+                     optax.adamw(schedule, weight_decay=0.0))
 
 
 def append_metrics(workdir: str, stage: str, record: Dict[str, Any]) -> None:
