@@ -67,13 +67,15 @@ def test_multi_turn_edits_the_previous_output():
   examples = _examples(["x-1", "y-1", "x-2", "x-3"])
   editor = ShiftEditor()
   settings = evaluation.SamplerSettings(seed=4)
-  edited, maps = evaluation.edit_examples(editor, examples, settings, multi_turn=True)
+  edited, maps, inputs = evaluation.edit_examples(editor, examples, settings, multi_turn=True)
   assert [int(e[0, 0, 0]) for e in edited] == [110, 110, 120, 130]
+  assert [int(e[0, 0, 0]) for e in inputs] == [100, 100, 110, 120]
+  assert inputs[2] is edited[0] and inputs[3] is edited[2]
   assert maps == [None] * 4
   assert [c[0] for c in editor.calls] == [5, 6, 7]  # seed + turn
   assert editor.calls[0][1] == ["do x-1", "do y-1"]
   single = ShiftEditor()
-  edited, _ = evaluation.edit_examples(single, examples, settings)
+  edited, _, _ = evaluation.edit_examples(single, examples, settings)
   assert [int(e[0, 0, 0]) for e in edited] == [110] * 4 and len(single.calls) == 1
   assert single.calls[0][2] is None  # no phrases -> no attention recorded
 

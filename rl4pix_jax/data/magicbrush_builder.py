@@ -1,7 +1,9 @@
 """tfds builder of MagicBrush from its official parquet shards (array_record, no TensorFlow).
 
 Input: a folder holding the HF dataset ``osunlp/MagicBrush`` parquet files (any depth), named
-``<split>-NNNNN-of-NNNNN.parquet`` with split ``train`` or ``dev`` (stored as ``validation``),
+``<split>-NNNNN-of-NNNNN.parquet`` with split ``train`` or ``dev`` (stored as ``validation``;
+the hub has only these two: MagicBrush ships its test set as a separate zip, so a ``test`` split
+needs ``test-NNNNN-of-NNNNN.parquet`` shards with the same columns),
 columns ``img_id`` (str), ``turn_index`` (int), ``source_img``/``mask_img``/``target_img``
 (``{"bytes": ..., "path": ...}`` structs) and ``instruction`` (str). Pass the folder as the
 tfds manual dir::

@@ -44,6 +44,7 @@ from rl4pix_jax.models import vit
 MAGICBRUSH_METRICS = ("l1", "l2", "clip_i", "dino", "clip_t")
 MAGICBRUSH_REFERENCE_SOURCE = ("MagicBrush paper (Zhang et al., NeurIPS 2023 Datasets and "
                                "Benchmarks), Table 2, single-turn test set")
+MAGICBRUSH_REFERENCE_SETTING = "single_turn"  # the setting the reference numbers belong to
 MAGICBRUSH_REFERENCE = {
     "InstructPix2Pix": dict(l1=0.1122, l2=0.0371, clip_i=0.8524, dino=0.7428, clip_t=0.2764),
     "InstructPix2Pix fine-tuned on MagicBrush": dict(l1=0.0625, l2=0.0203, clip_i=0.9332,
@@ -108,6 +109,18 @@ def l2_distance(edited: jax.Array, target: jax.Array) -> jax.Array:
   _check_pair(edited, target, "l2_distance")
   difference = edited.astype(jnp.float32) - target.astype(jnp.float32)
   return jnp.mean(jnp.square(difference), axis=(1, 2, 3))
+
+
+def dino_resize_for(image_size: int) -> int:
+  """DINO's short side before the centre crop for a ViT of ``image_size``: the 256/224 ratio
+  of the DINO evaluation transform (256 for ViT-S/16 at 224; 37 for a 32-pixel test ViT).
+
+  Raises:
+    ValueError: ``image_size`` < 1.
+  """
+  if image_size < 1:
+    raise ValueError(f"dino_resize_for: image_size={image_size} must be >= 1.")
+  return int(round(image_size * vit.DINO_RESIZE / vit.DINO_CROP))
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -184,7 +197,7 @@ class EvaluationModels:
     clip_text, clip_vision: CLIP towers with projections (``load_clip`` of a CLIPModel folder,
       ``openai/clip-vit-base-patch32`` for the MagicBrush protocol).
     dino: ``ViTModel`` (``load_vit`` of ``facebook/dino-vits16``).
-    dino_resize: short side before DINO's crop (256).
+    dino_resize: short side before DINO's crop (256 for 224; ``dino_resize_for``).
   """
   clip_text_params: Any
   clip_vision_params: Any
