@@ -350,6 +350,28 @@ def example_figure(examples: Sequence[dict], result: EvaluationResult, path: str
   return path
 
 
+def comparison_figure(examples: Sequence[dict], results: Sequence[EvaluationResult], path: str,
+                      count: int = FIGURE_EXAMPLES, cell: int = 96) -> str:
+  """PNG comparing models on the first ``count`` examples, one row each: input, then edit and
+  attention overlay of every model (same examples and seeds), then the target."""
+  columns = ["input"]
+  for r in results:
+    columns += [f"{r.name}: edit", "attention"]
+  columns.append("target")
+  rows = []
+  for i, example in enumerate(examples[:count]):
+    row = [(results[0].inputs or [e["source"] for e in examples])[i]]
+    for r in results:
+      attention = r.attention_maps[i]
+      row += [r.edited[i], visualize.attention_overlay(r.edited[i], attention)
+              if attention is not None else np.zeros_like(r.edited[i])]
+    rows.append(row + [example["target"]])
+  captions = [f"{e['example_id']}: {e['instruction']}" for e in examples[:count]]
+  visualize.captioned_grid(rows, captions, columns, cell=cell,
+                           title=" vs ".join(r.name for r in results)).save(path)
+  return path
+
+
 def edit_file_name(example_id: str, multi_turn: bool, magicbrush_layout: bool) -> str:
   """Relative PNG path of an edit: MagicBrush's ``testResults`` layout
   (``<img_id>/<img_id>_1.png`` for turn 1, ``<img_id>_inde_<k>.png`` single-turn and
@@ -386,7 +408,8 @@ def write_reports(results: Sequence[EvaluationResult], examples: Sequence[dict],
                   save_edited: bool = False, magicbrush_layout: bool = False
                   ) -> Dict[str, str]:
   """Writes ``<prefix>.json`` (metadata, summaries, per-example values), ``<prefix>.md``
-  (the table, then ``notes``), ``<prefix>_<i>.png`` (example figure per result) and, with
+  (the table, then ``notes``), ``<prefix>_<i>.png`` (example figure per result),
+  ``<prefix>_comparison.png`` when there are several results (``comparison_figure``) and, with
   ``save_edited``, every edit under ``<prefix>_edits/<i>/`` (``save_edits``).
 
   JSON: ``example_ids`` and each model's ``per_example`` are the scored examples; when only
@@ -411,6 +434,9 @@ def write_reports(results: Sequence[EvaluationResult], examples: Sequence[dict],
   multi_turn = metadata.get("setting") == "multi_turn"
   for i, result in enumerate(results):
     paths[f"figure_{i}"] = example_figure(examples, result, f"{output_prefix}_{i}.png")
+  if len(results) > 1:
+    paths["comparison"] = comparison_figure(examples, results,
+                                            f"{output_prefix}_comparison.png")
     if save_edited:
       edits = f"{output_prefix}_edits{os.sep}{i}"
       report.setdefault("edits", {})[result.name] = {

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+from PIL import Image
 import pytest
 import transformers
 
@@ -101,6 +102,25 @@ def test_reports_and_table(tmp_path):
   report = json.load(open(paths["json"], encoding="utf-8"))
   assert report["models"]["model"]["per_example"]["l1"] == pytest.approx([0.1, 0.3])
   assert report["example_ids"] == ["a-1", "b-1"]
+  assert "comparison" not in paths  # one model: no comparison figure
+
+
+def test_comparison_figure_has_a_column_pair_per_model(tmp_path):
+  examples = _examples(["a-1", "b-1"])
+  results = []
+  for name, shade in (("supervised", 0), ("RL", 255)):
+    per_example = {"l1": np.array([0.1, 0.3], np.float32)}
+    summary, row = intervals.metrics_report(per_example, name, ["l1"], seed=0)
+    results.append(evaluation.EvaluationResult(
+        name=name, example_ids=["a-1", "b-1"], per_example=per_example, summary=summary,
+        row=row, edited=[np.full_like(e["source"], shade) for e in examples],
+        attention_maps=[np.ones((2, 2), np.float32), None]))
+  paths = evaluation.write_reports(results, examples, ["l1"], str(tmp_path / "r"),
+                                   {"dataset": "shapes_edit", "split": "test"})
+  both = Image.open(paths["comparison"])
+  assert both.size[0] >= 6 * 96  # input | (edit, attention) per model | target, 96-px cells
+  pixels = np.asarray(both.convert("RGB"))
+  assert (pixels == 0).all(axis=-1).any() and (pixels == 255).all(axis=-1).any()
 
 
 def test_magicbrush_per_example_matches_numpy(tmp_path):
