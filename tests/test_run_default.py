@@ -55,3 +55,29 @@ def test_run_default_refuses_shipped_stages_of_another_config(tmp_path):
   assert "resolution: shipped 32, config 16" in result.stderr, result.stderr[-3000:]
   assert "--supervised=train" in result.stderr
   assert not os.path.exists(tmp_path / "run" / "vae")
+
+
+def test_run_default_with_the_shipped_stages(tmp_path):
+  """README's main job with the shipped supervised stages, RL and evaluation cut short."""
+  workdir = tmp_path / "shapes"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path),
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  short_rl = ["--config.sampler.num_steps=2", "--config.train.num_epochs=1",
+              "--config.train.sample_batch_size=2", "--config.train.num_sample_batches=1",
+              "--config.train.train_batch_size=2", "--config.data.num_threads=1"]
+  command = [sys.executable, "-m", "launch.run_default", f"--workdir={workdir}",
+             "--max_eval_examples=2", *short_rl]
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.stdout.count("installed the shipped checkpoint") == 3
+  assert result.stdout.count("skipping") >= 3  # the pretrain commands find them complete
+  for stage in ("vae", "clip", "unet"):
+    shipped_config = json.load(open(os.path.join(ROOT, "checkpoints", "shapes_supervised",
+                                                 stage, "model_config.json")))
+    assert json.load(open(workdir / stage / "model_config.json")) == shipped_config
+  report = json.load(open(workdir / "results.json", encoding="utf-8"))
+  assert len(report["models"]) == 2 and len(report["example_ids"]) == 2
+  timings = json.load(open(workdir / "timings.json", encoding="utf-8"))
+  assert {"install_supervised", "rl", "evaluation", "total"} <= set(timings)
