@@ -115,6 +115,8 @@ def make_iterator(config: ml_collections.ConfigDict, workdir: str, tokenizer: An
 
 def make_train_iterator(config: ml_collections.ConfigDict, workdir: str,
                         tokenizer: Any) -> loader_lib.EditBatchIterator:
-  """The RL stage's iterator: shuffled, repeating, ``train.sample_batch_size`` per call."""
+  """The RL stage's iterator: shuffled, repeating, ``train.sample_batch_size /
+  train.samples_per_prompt`` examples per call (the trainer repeats each example)."""
+  repeats = int(config.train.get("samples_per_prompt", 1))
   return make_iterator(config, workdir, tokenizer, config.data.get("split", "train"),
-                       config.train.sample_batch_size)
+                       config.train.sample_batch_size // repeats)

@@ -74,11 +74,13 @@ class BatchArithmetic:
   updates_per_epoch: int
   per_process_sample_batch: int
   batch_devices: int
+  samples_per_prompt: int = 1
 
   def describe(self) -> str:
     return (f"{self.samples_per_epoch} samples per epoch = {self.num_sample_batches} sampling "
             f"calls x {self.sample_batch_size} (global; {self.per_process_sample_batch} per "
-            f"process, split over {self.batch_devices} devices); {self.num_inner_epochs} inner "
+            f"process, split over {self.batch_devices} devices; {self.samples_per_prompt} "
+            f"sample(s) per prompt); {self.num_inner_epochs} inner "
             f"epoch(s) x {self.minibatches_per_inner_epoch} minibatches of "
             f"{self.train_batch_size} = {self.updates_per_epoch} optimizer updates per epoch")
 
@@ -102,6 +104,11 @@ def batch_arithmetic(config: ml_collections.ConfigDict, batch_devices: int,
   if t.sample_batch_size % process_count:
     problems.append(f"train.sample_batch_size={t.sample_batch_size} is not divisible by the "
                     f"{process_count} processes")
+  repeats = samples_per_prompt(config)
+  if repeats < 1 or t.sample_batch_size % (repeats * process_count):
+    problems.append(f"train.sample_batch_size={t.sample_batch_size} is not divisible by "
+                    f"train.samples_per_prompt={repeats} x {process_count} processes (each "
+                    "process draws sample_batch_size / samples_per_prompt examples per call)")
   if problems:
     raise TrainingError("Inconsistent batch sizes: " + "; ".join(problems) + ".")
   minibatches = samples // t.train_batch_size
@@ -111,7 +118,25 @@ def batch_arithmetic(config: ml_collections.ConfigDict, batch_devices: int,
       minibatches_per_inner_epoch=minibatches, num_inner_epochs=config.ppo.num_inner_epochs,
       updates_per_epoch=minibatches * config.ppo.num_inner_epochs,
       per_process_sample_batch=t.sample_batch_size // process_count,
-      batch_devices=batch_devices)
+      batch_devices=batch_devices, samples_per_prompt=repeats)
+
+
+def samples_per_prompt(config: ml_collections.ConfigDict) -> int:
+  """``train.samples_per_prompt`` (1 when the config predates it)."""
+  return int(config.train.get("samples_per_prompt", 1))
+
+
+def repeat_prompts(batch: Any, repeats: int) -> Any:
+  """Each example of an ``EditBatch`` ``repeats`` times in a row (arrays and texts).
+
+  The sampler draws independent noise per row, so the copies are different samples of the same
+  prompt: DDPO's per-prompt advantages then compare samples of one prompt with each other.
+  """
+  if repeats == 1:
+    return batch
+  arrays = {k: np.repeat(v, repeats, axis=0) for k, v in batch.arrays.items()}
+  texts = {k: [t for t in v for _ in range(repeats)] for k, v in batch.texts.items()}
+  return dataclasses.replace(batch, arrays=arrays, texts=texts)
 
 
 def sampler_config_from(config: ml_collections.ConfigDict) -> sampling.SamplerConfig:
@@ -227,7 +252,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
     setup: models, initial params, tokenizer and reward CLIP.
     data_iterator: a ``loader.EditBatchIterator`` (or anything with ``__next__``,
       ``get_state`` and ``set_state``) yielding per-process batches of
-      ``train.sample_batch_size / process_count`` examples.
+      ``train.sample_batch_size / (train.samples_per_prompt x process_count)`` examples
+      (``run_setup.make_train_iterator``); each is sampled ``samples_per_prompt`` times.
     stop_after_epochs: stop (with a checkpoint) after this many epochs of this call, for
       tests and staged runs; None runs to ``train.num_epochs``.
     on_epoch_end: optional callback(epoch, metrics).
@@ -339,7 +365,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
       samples, rewards, components, example_ids, texts = [], [], {}, [], []
       grid, pictured = None, False
       for i in range(sizes.num_sample_batches):
-        batch = next(data_iterator)
+        batch = repeat_prompts(next(data_iterator), samples_per_prompt(config))
         arrays = parallel.global_batch_from_process_local(
             {k: batch.arrays[k] for k in ("source", "mask", "input_ids", "token_index",
                                           "token_mask", "caption_ids",

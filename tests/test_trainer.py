@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rl4pix_jax import checkpointing, ppo, trainer
+from rl4pix_jax.data import loader
 from tests import rl_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,3 +102,23 @@ def test_inconsistent_batch_sizes_are_named():
   sizes = trainer.batch_arithmetic(config, 2, 1)
   assert sizes.updates_per_epoch == 2 and sizes.samples_per_epoch == 4
   assert "2 optimizer updates per epoch" in sizes.describe()
+
+
+def test_samples_per_prompt_arithmetic_and_repeats():
+  config = rl_fixtures.tiny_rl_config(**{"train.samples_per_prompt": 3})
+  with pytest.raises(trainer.TrainingError, match=r"sample_batch_size=4 is not divisible by "
+                     r"train.samples_per_prompt=3"):
+    trainer.batch_arithmetic(config, 1, 1)
+  config = rl_fixtures.tiny_rl_config(**{"train.samples_per_prompt": 2})
+  sizes = trainer.batch_arithmetic(config, 1, 1)
+  assert sizes.samples_per_prompt == 2 and "2 sample(s) per prompt" in sizes.describe()
+  with pytest.raises(trainer.TrainingError, match="2 processes"):
+    trainer.batch_arithmetic(rl_fixtures.tiny_rl_config(**{"train.samples_per_prompt": 4}), 1, 2)
+  batch = loader.EditBatch({"example_index": np.array([7, 9]),
+                            "source": np.arange(2 * 3).reshape(2, 3)},
+                           {"instruction": ["a", "b"]})
+  repeated = trainer.repeat_prompts(batch, 3)
+  np.testing.assert_array_equal(repeated.arrays["example_index"], [7, 7, 7, 9, 9, 9])
+  np.testing.assert_array_equal(repeated.arrays["source"][3:], np.tile([[3, 4, 5]], (3, 1)))
+  assert repeated.texts["instruction"] == ["a", "a", "a", "b", "b", "b"]
+  assert trainer.repeat_prompts(batch, 1) is batch
