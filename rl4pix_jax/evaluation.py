@@ -355,8 +355,8 @@ def comparison_figure(examples: Sequence[dict], results: Sequence[EvaluationResu
   """PNG comparing models on the first ``count`` examples, one row each: input, then edit and
   attention overlay of every model (same examples and seeds), then the target."""
   columns = ["input"]
-  for r in results:
-    columns += [f"{r.name}: edit", "attention"]
+  for i in range(len(results)):
+    columns += [f"edit {i + 1}", f"attention {i + 1}"]
   columns.append("target")
   rows = []
   for i, example in enumerate(examples[:count]):
@@ -368,7 +368,8 @@ def comparison_figure(examples: Sequence[dict], results: Sequence[EvaluationResu
     rows.append(row + [example["target"]])
   captions = [f"{e['example_id']}: {e['instruction']}" for e in examples[:count]]
   visualize.captioned_grid(rows, captions, columns, cell=cell,
-                           title=" vs ".join(r.name for r in results)).save(path)
+                           title="   ".join(f"{i + 1}: {r.name}" for i, r in
+                                          enumerate(results))).save(path)
   return path
 
 
