@@ -14,7 +14,7 @@ SMOKE = [
     "--config.pretrain.clip.steps=2", "--config.pretrain.unet.steps=2",
     "--config.pretrain.vae.batch_size=4", "--config.pretrain.clip.batch_size=4",
     "--config.pretrain.unet.batch_size=4", "--config.sampler.num_steps=2",
-    "--config.train.num_epochs=1", "--config.train.sample_batch_size=2",
+    "--config.train.num_epochs=1", "--config.train.sample_batch_size=2", "--config.train.samples_per_prompt=1",
     "--config.train.num_sample_batches=1", "--config.train.train_batch_size=2",
     "--config.data.num_threads=1",
 ]
@@ -64,7 +64,7 @@ def test_run_default_with_the_shipped_stages(tmp_path):
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   short_rl = ["--config.sampler.num_steps=2", "--config.train.num_epochs=1",
-              "--config.train.sample_batch_size=2", "--config.train.num_sample_batches=1",
+              "--config.train.sample_batch_size=2", "--config.train.samples_per_prompt=1", "--config.train.num_sample_batches=1",
               "--config.train.train_batch_size=2", "--config.data.num_threads=1"]
   command = [sys.executable, "-m", "launch.run_default", f"--workdir={workdir}",
              "--max_eval_examples=2", *short_rl]

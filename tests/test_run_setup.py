@@ -21,7 +21,7 @@ TINY_RUN_FLAGS = [
     "--config.resolution=32", "--config.data.train_size=8", "--config.data.validation_size=4",
     "--config.data.test_size=4", "--config.sampler.num_steps=2",
     "--config.sampler.capture_size=16", "--config.train.num_epochs=2",
-    "--config.train.sample_batch_size=2", "--config.train.num_sample_batches=1",
+    "--config.train.sample_batch_size=2", "--config.train.samples_per_prompt=1", "--config.train.num_sample_batches=1",
     "--config.train.train_batch_size=2", "--config.train.checkpoint_every=1",
     "--config.data.num_threads=1",
 ]
