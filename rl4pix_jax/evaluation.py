@@ -435,15 +435,15 @@ def write_reports(results: Sequence[EvaluationResult], examples: Sequence[dict],
   multi_turn = metadata.get("setting") == "multi_turn"
   for i, result in enumerate(results):
     paths[f"figure_{i}"] = example_figure(examples, result, f"{output_prefix}_{i}.png")
-  if len(results) > 1:
-    paths["comparison"] = comparison_figure(examples, results,
-                                            f"{output_prefix}_comparison.png")
     if save_edited:
       edits = f"{output_prefix}_edits{os.sep}{i}"
       report.setdefault("edits", {})[result.name] = {
           example_id: os.path.relpath(path, edits) for example_id, path in zip(
               result.example_ids, save_edits(result, edits, multi_turn, magicbrush_layout))}
       paths[f"edits_{i}"] = edits
+  if len(results) > 1:
+    paths["comparison"] = comparison_figure(examples, results,
+                                            f"{output_prefix}_comparison.png")
   with open(paths["json"], "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2, allow_nan=False, default=str)
   scored = len(results[0].scored_indices) if results else len(examples)
