@@ -33,6 +33,7 @@ def tiny_rl_config(**overrides):
   config.train.num_epochs = 4
   config.train.sample_batch_size = 4
   config.train.samples_per_prompt = 1  # the loop's mechanics, not the default's sampling plan
+  config.ppo.num_inner_epochs = 1
   config.train.num_sample_batches = 1
   config.train.train_batch_size = 2
   config.train.checkpoint_every = 1
