@@ -42,6 +42,9 @@ flags.DEFINE_enum("torch_dtype", "float32", ["float32", "float16", "bfloat16"],
                   "PyTorch dtype (weights and compute).")
 flags.DEFINE_string("attention", None, "jax.nn.dot_product_attention implementation "
                     "(None, 'xla', 'cudnn').")
+flags.DEFINE_integer("attention_query_chunk", None, "Our UNet's chunked attention "
+                     "(UNet2DConditionModel.attention_query_chunk; e.g. 32 on CPU); "
+                     "None: jax.nn.dot_product_attention over all queries at once.")
 flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s of the chip for MFU "
                    "(H100 SXM ~790 measured); None: no MFU column values.")
 flags.DEFINE_bool("trace_only", False, "Lower our functions with abstract inputs and print "
@@ -122,8 +125,9 @@ class Bench:
     self.spec = BENCHMARK_CONFIGS[config_name]
     self.config = unet_lib.UNetConfig.from_diffusers(self.spec["unet"])
     dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
-    self.unet = unet_lib.UNet2DConditionModel(self.config, dtype=dtype,
-                                              attention_implementation=FLAGS.attention)
+    self.unet = unet_lib.UNet2DConditionModel(
+        self.config, dtype=dtype, attention_implementation=FLAGS.attention,
+        attention_query_chunk=FLAGS.attention_query_chunk)
     self.side, self.dim = self.spec["latent_side"], self.config.cross_attention_dim[0]
     self.schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())
     self.sampler_config = sampling.SamplerConfig(num_steps=FLAGS.steps, eta=1.0,
@@ -334,7 +338,8 @@ def main(_):
   print(f"config={FLAGS.config} unet_params={bench.parameter_count() / 1e6:.1f}M "
         f"latents={bench.side}x{bench.side} T={FLAGS.steps} edits={FLAGS.edits} "
         f"ours={FLAGS.dtype} on {jax.devices()[0].device_kind} (jax {jax.__version__}) "
-        f"attention={FLAGS.attention} reps={FLAGS.reps}")
+        f"attention={FLAGS.attention} attention_query_chunk={FLAGS.attention_query_chunk} "
+        f"reps={FLAGS.reps}")
   if FLAGS.trace_only:
     print("\n".join(bench.trace()))
     return

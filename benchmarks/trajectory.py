@@ -24,13 +24,15 @@ flags.DEFINE_integer("steps", 10, "DDIM steps T.")
 flags.DEFINE_integer("reps", 3, "Timed repetitions after the warm-up call.")
 flags.DEFINE_bool("attention", True, "Record target-token attention maps.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_integer("attention_query_chunk", None, "UNet chunked attention (None: off).")
 
 
 def main(_):
   spec = BENCHMARK_CONFIGS[FLAGS.config]
   config = unet_lib.UNetConfig.from_diffusers(spec["unet"])
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
-  unet = unet_lib.UNet2DConditionModel(config, dtype=dtype)
+  unet = unet_lib.UNet2DConditionModel(config, dtype=dtype,
+                                       attention_query_chunk=FLAGS.attention_query_chunk)
   side, length, dim = spec["latent_side"], spec["text_length"], config.cross_attention_dim[0]
   params = jax.jit(unet.init)(jax.random.PRNGKey(0), jnp.zeros((1, side, side, 8)),
                               jnp.zeros((1,), jnp.int32), jnp.zeros((1, length, dim)))["params"]

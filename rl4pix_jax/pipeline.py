@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import flax.struct
 import jax
@@ -74,8 +74,13 @@ def _inner(params: Mapping) -> Params:
 
 def build_models(unet_config: UNetConfig, vae_config: VAEConfig, text_config: CLIPTextConfig,
                  scheduler_config: Mapping, dtype: Any = jnp.float32,
-                 remat: bool = False) -> EditorModels:
-  """Assembles ``EditorModels`` and checks that the parts fit together."""
+                 remat: bool = False,
+                 attention_query_chunk: Optional[int] = None) -> EditorModels:
+  """Assembles ``EditorModels`` and checks that the parts fit together.
+
+  ``attention_query_chunk``: the UNet's chunked-attention option (None: off; see
+  ``UNet2DConditionModel.attention_query_chunk``).
+  """
   if unet_config.in_channels != 2 * vae_config.latent_channels:
     raise ValueError(f"The UNet takes {unet_config.in_channels} input channels but an "
                      f"InstructPix2Pix UNet needs 2 x latent_channels = "
@@ -84,14 +89,16 @@ def build_models(unet_config: UNetConfig, vae_config: VAEConfig, text_config: CL
     raise ValueError(f"UNet cross_attention_dim={unet_config.cross_attention_dim[0]} differs "
                      f"from the text encoder hidden_size={text_config.hidden_size}.")
   return EditorModels(
-      unet=UNet2DConditionModel(unet_config, dtype=dtype, remat=remat),
+      unet=UNet2DConditionModel(unet_config, dtype=dtype, remat=remat,
+                                attention_query_chunk=attention_query_chunk),
       vae=AutoencoderKL(vae_config, dtype=dtype),
       text_encoder=CLIPTextModel(text_config, dtype=dtype),
       schedule=ddim.DDIMSchedule.from_config(scheduler_config))
 
 
 def load_diffusers_editor(path_or_hub_id: str, dtype: Any = jnp.float32,
-                          remat: bool = False) -> Tuple[EditorModels, EditorParams, Any]:
+                          remat: bool = False, attention_query_chunk: Optional[int] = None
+                          ) -> Tuple[EditorModels, EditorParams, Any]:
   """Loads a diffusers InstructPix2Pix pipeline folder (or hub id) without torch.
 
   Args:
@@ -100,6 +107,7 @@ def load_diffusers_editor(path_or_hub_id: str, dtype: Any = jnp.float32,
       ``timbrooks/instruct-pix2pix`` (downloaded with huggingface_hub; needs network).
     dtype: compute dtype of the modules (params are always float32).
     remat: gradient checkpointing in the UNet blocks.
+    attention_query_chunk: the UNet's chunked-attention option (None: off).
   Returns:
     ``(models, params, tokenizer)``.
   """
@@ -117,7 +125,8 @@ def load_diffusers_editor(path_or_hub_id: str, dtype: Any = jnp.float32,
       os.path.join(folder, "text_encoder"))
   scheduler_config = folders.read_json(
       os.path.join(folder, "scheduler", "scheduler_config.json"))
-  models = build_models(unet_config, vae_config, text_config, scheduler_config, dtype, remat)
+  models = build_models(unet_config, vae_config, text_config, scheduler_config, dtype, remat,
+                        attention_query_chunk)
   params = EditorParams(unet=_inner(unet_params), vae=_inner(vae_params),
                         text_encoder=_inner(text_params))
   tokenizer = load_clip_tokenizer(os.path.join(folder, "tokenizer"))

@@ -54,9 +54,11 @@ def _reward_clip(config: ml_collections.ConfigDict):
 def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLSetup:
   """Builds the RL starting point described in the module docstring."""
   dtype = pipeline.compute_dtype(config.model.dtype)
+  # Optional key (None/absent: off): the UNet's chunked attention, e.g. 32 on CPU.
+  query_chunk = config.model.get("attention_query_chunk", None)
   if config.model.pretrained:
     models, params, tokenizer = pipeline.load_diffusers_editor(
-        config.model.pretrained, dtype, config.model.remat)
+        config.model.pretrained, dtype, config.model.remat, query_chunk)
     text_model, vision_model, clip_params = _reward_clip(config)
     return RLSetup(models, params, tokenizer, text_model, vision_model, clip_params)
   # pylint: disable=import-outside-toplevel
@@ -69,7 +71,7 @@ def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLS
   models = pipeline.build_models(
       UNetConfig.from_dict(dict(unet_meta["models"]["unet"])),
       VAEConfig.from_dict(dict(vae_meta["models"]["vae"])), text_model.config,
-      config.model.scheduler, dtype, config.model.remat)
+      config.model.scheduler, dtype, config.model.remat, query_chunk)
   params = pipeline.EditorParams(unet=unet_params, vae=vae_params,
                                  text_encoder=clip_params["text"])
   return RLSetup(models=models, params=params, tokenizer=load_clip_tokenizer(),

@@ -271,6 +271,7 @@ class _Block(nn.Module):
   capture_size: Optional[int] = None
   implementation: Optional[str] = None
   dtype: Dtype = jnp.float32
+  query_chunk: Optional[int] = None
 
   def resnet(self, name: str, scale: float = 1.0) -> layers.ResnetBlock2D:
     cfg = self.config
@@ -282,7 +283,8 @@ class _Block(nn.Module):
     return layers.Transformer2D(
         spec.heads, spec.out_channels // spec.heads, spec.transformer_layers,
         cfg.norm_num_groups, cfg.use_linear_projection, spec.only_cross_attention,
-        cfg.upcast_attention, self.capture_size, self.implementation, self.dtype, name=name)
+        cfg.upcast_attention, self.capture_size, self.implementation, self.dtype,
+        self.query_chunk, name=name)
 
 
 class DownBlock(_Block):
@@ -343,11 +345,17 @@ class UNet2DConditionModel(nn.Module):
     remat: wrap each down/mid/up block in ``nn.remat`` (gradient checkpointing).
     attention_implementation: ``jax.nn.dot_product_attention`` implementation for the fused
       path (None lets JAX choose; 'cudnn' for flash attention on GPU).
+    attention_query_chunk: None (default): attention through
+      ``jax.nn.dot_product_attention``. An int (e.g. 32): ``layers.chunked_attention`` with
+      that many queries per block wherever a layer has more queries (not in layers that
+      capture maps); the same function up to float rounding, several times faster on CPU
+      for the 32x32 = 1024-token self-attention (benchmarks/README.md, "Profile").
   """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_implementation: Optional[str] = None
+  attention_query_chunk: Optional[int] = None
 
   @nn.compact
   def __call__(
@@ -408,7 +416,8 @@ class UNet2DConditionModel(nn.Module):
 
     wrap = (lambda cls: nn.remat(cls)) if self.remat else (lambda cls: cls)
     common = dict(config=cfg, capture_size=capture_size,
-                  implementation=self.attention_implementation, dtype=self.dtype)
+                  implementation=self.attention_implementation, dtype=self.dtype,
+                  query_chunk=self.attention_query_chunk)
     n = len(cfg.block_out_channels)
     skips = (x,)
     for i, block_type in enumerate(cfg.down_block_types):
