@@ -198,14 +198,17 @@ class Bench:
       return jnp.mean(out.astype(jnp.float32) ** 2)
     return jax.jit(jax.grad(loss))
 
+  def _torch_unet_inputs(self, sample, t, text):
+    """The UNet inputs as torch tensors on the reference device (sample in torch layout)."""
+    return self._t(sample, True), self.torch.from_numpy(t).to(self.torch_device), self._t(text)
+
   def forward(self, batch: int) -> Row:
     sample, t, text = self.unet_inputs(batch)
     args = ({"params": self.params}, jnp.asarray(sample), jnp.asarray(t), jnp.asarray(text))
     first, ours, flops = self._ours(self.forward_fn(), args)
     torch_s = None
     if self.torch_unet is not None:
-      ts, tt, tx = self._t(sample, True), self.torch.from_numpy(t).to(self.torch_device), \
-          self._t(text)
+      ts, tt, tx = self._torch_unet_inputs(sample, t, text)
       self.torch_unet.eval()
 
       def run():
@@ -220,8 +223,7 @@ class Bench:
     first, ours, flops = self._ours(self.backward_fn(), args)
     torch_s = None
     if self.torch_unet is not None:
-      ts, tt, tx = self._t(sample, True), self.torch.from_numpy(t).to(self.torch_device), \
-          self._t(text)
+      ts, tt, tx = self._torch_unet_inputs(sample, t, text)
       self.torch_unet.train()
 
       def run():

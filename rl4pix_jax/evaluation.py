@@ -358,9 +358,10 @@ def comparison_figure(examples: Sequence[dict], results: Sequence[EvaluationResu
   for i in range(len(results)):
     columns += [f"edit {i + 1}", f"attention {i + 1}"]
   columns.append("target")
+  inputs = results[0].inputs or [e["source"] for e in examples]
   rows = []
   for i, example in enumerate(examples[:count]):
-    row = [(results[0].inputs or [e["source"] for e in examples])[i]]
+    row = [inputs[i]]
     for r in results:
       attention = r.attention_maps[i]
       row += [r.edited[i], visualize.attention_overlay(r.edited[i], attention)

@@ -23,7 +23,7 @@ from rl4pix_jax.models.clip import CLIPTextModel, CLIPVisionModel
 from rl4pix_jax.models.unet import UNetConfig
 from rl4pix_jax.models.vae import VAEConfig
 from rl4pix_jax.tokenizer import load_clip_tokenizer
-from rl4pix_jax.trainer import RLSetup
+from rl4pix_jax.trainer import RLSetup, samples_per_prompt
 from rl4pix_jax.weights import folders, transformers_clip
 
 
@@ -119,6 +119,5 @@ def make_train_iterator(config: ml_collections.ConfigDict, workdir: str,
                         tokenizer: Any) -> loader_lib.EditBatchIterator:
   """The RL stage's iterator: shuffled, repeating, ``train.sample_batch_size /
   train.samples_per_prompt`` examples per call (the trainer repeats each example)."""
-  repeats = int(config.train.get("samples_per_prompt", 1))
   return make_iterator(config, workdir, tokenizer, config.data.get("split", "train"),
-                       config.train.sample_batch_size // repeats)
+                       config.train.sample_batch_size // samples_per_prompt(config))

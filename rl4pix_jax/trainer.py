@@ -365,7 +365,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
       samples, rewards, components, example_ids, texts = [], [], {}, [], []
       grid, pictured = None, False
       for i in range(sizes.num_sample_batches):
-        batch = repeat_prompts(next(data_iterator), samples_per_prompt(config))
+        batch = repeat_prompts(next(data_iterator), sizes.samples_per_prompt)
         arrays = parallel.global_batch_from_process_local(
             {k: batch.arrays[k] for k in ("source", "mask", "input_ids", "token_index",
                                           "token_mask", "caption_ids",

@@ -91,14 +91,16 @@ def measure_latent_std(model, params, images: np.ndarray, key: jax.Array) -> flo
   return float(jnp.std(sample))
 
 
+def reconstruct(model, params, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+  """(N, R, R, 3) float32 decode(posterior mode) of ``images``, clipped to [-1, 1]."""
+  recon = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  return np.concatenate([np.clip(np.asarray(recon(params, images[i:i + batch_size])), -1, 1)
+                         for i in range(0, len(images), batch_size)])
+
+
 def reconstruction_l1(model, params, images: np.ndarray, batch_size: int = 128) -> float:
   """Mean |decode(posterior mode) - image| over ``images`` in [-1, 1] units."""
-  recon = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  total = 0.0
-  for i in range(0, len(images), batch_size):
-    chunk = images[i:i + batch_size]
-    total += float(jnp.abs(jnp.clip(recon(params, chunk), -1, 1) - chunk).sum())
-  return total / images.size
+  return float(np.abs(reconstruct(model, params, images, batch_size) - images).mean())
 
 
 def edit_ceiling(model, params, dataset_dir: str, resolution: int,
@@ -114,10 +116,7 @@ def edit_ceiling(model, params, dataset_dir: str, resolution: int,
   """
   split = data_lib.load_split(dataset_dir, "validation", resolution, max_examples)
   examples = data_lib.load_examples(dataset_dir, "validation", len(split.arrays["target"]))
-  recon = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  targets = split.arrays["target"]
-  rebuilt = np.concatenate([np.clip(np.asarray(recon(params, targets[i:i + 128])), -1, 1)
-                            for i in range(0, len(targets), 128)])
+  rebuilt = reconstruct(model, params, split.arrays["target"])
   checks = [shapes_check.check_edit(image, example) for image, example in zip(rebuilt, examples)]
   return {key: float(np.mean([c[key] for c in checks]))
           for key in ("success", "edit_ok", "preserved_ok", "outside_change")}
