@@ -18,7 +18,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from absl import app, flags
 import jax
@@ -36,7 +36,9 @@ flags.DEFINE_list("batches", ["1", "3", "12"], "UNet batch sizes (forward, forwa
 flags.DEFINE_integer("edits", 4, "Edits per trajectory / PPO minibatch (the UNet sees 3x).")
 flags.DEFINE_integer("steps", 10, "DDIM steps T.")
 flags.DEFINE_integer("reps", 3, "Timed repetitions after the warm-up call.")
-flags.DEFINE_list("cases", ["forward", "backward", "trajectory", "ppo"], "Cases to run.")
+flags.DEFINE_list("cases", ["forward", "backward", "trajectory", "ppo"],
+                  "Cases in the order to run: forward, backward (each at every --batches size, "
+                  "or one size as forward@12), trajectory, ppo.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Our compute dtype.")
 flags.DEFINE_enum("torch_dtype", "float32", ["float32", "float16", "bfloat16"],
                   "PyTorch dtype (weights and compute).")
@@ -50,6 +52,13 @@ flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s of the chip for
 flags.DEFINE_bool("trace_only", False, "Lower our functions with abstract inputs and print "
                   "their FLOPs; no timing, no PyTorch.")
 flags.DEFINE_bool("skip_torch", False, "Time ours only.")
+flags.DEFINE_bool("torch_first", False, "Time PyTorch's side of every case first, free its "
+                  "model, then ours (on a GPU, so the two never share its memory); default: "
+                  "both sides of each case together.")
+flags.DEFINE_bool("keep_going", False, "Print a failed case (e.g. out of memory) as a row "
+                  "and go on with the next one.")
+flags.DEFINE_float("deadline_s", None, "Skip the remaining cases once this many seconds have "
+                   "passed since the start (keeps a leased accelerator run inside its slot).")
 
 
 def median_seconds(fn: Callable[[], object], reps: int) -> float:
@@ -62,13 +71,40 @@ def median_seconds(fn: Callable[[], object], reps: int) -> float:
   return statistics.median(times)
 
 
-def compiled_flops(jitted, *args) -> Optional[float]:
-  """FLOPs XLA's cost analysis assigns to ``jitted(*args)`` (None if not reported)."""
-  analysis = jitted.lower(*args).compile().cost_analysis()
+def hlo_flops(jitted, *args) -> Optional[float]:
+  """FLOPs of ``jitted(*args)``: XLA's cost analysis of its HLO lowered for the CPU.
+
+  ``args`` may be arrays or ``jax.ShapeDtypeStruct``s. Nothing is compiled; the count is
+  that of the unoptimised program, so it does not depend on the backend (a GPU's lowered
+  module reports no cost analysis, seen with jax 0.11.2). None if none is reported.
+  """
+  lowered = jitted.trace(*args).lower(lowering_platforms=("cpu",))
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   flops = (analysis or {}).get("flops")
   return float(flops) if flops is not None and flops > 0 else None
+
+
+def parse_cases(cases: List[str], batches: List[str]) -> List[Tuple[str, Optional[int]]]:
+  """``--cases`` -> [(case, UNet batch or None)] in run order; forward/backward expand to
+  every ``--batches`` size unless written as ``forward@12``."""
+  known = ("forward", "backward", "trajectory", "ppo")
+  runs = []
+  for case in cases:
+    name, _, size = case.partition("@")
+    if name not in known:
+      raise ValueError(f"unknown case {case!r}; choose from {', '.join(known)} "
+                       "(forward and backward also as forward@<batch>).")
+    if name in ("forward", "backward"):
+      sizes = [size] if size else batches
+      runs.extend((name, int(b)) for b in sizes)
+    elif size:
+      raise ValueError(f"case {case!r}: only forward and backward take @<batch>; the "
+                       "trajectory and PPO batch is --edits.")
+    else:
+      runs.append((name, None))
+  return runs
 
 
 def load_average() -> str:
@@ -78,7 +114,7 @@ def load_average() -> str:
 class Row:
   """One markdown table row."""
   HEADER = ("| case | batch | ours | PyTorch | ratio (PyTorch/ours) | our first call s | "
-            "our MFU | load avg |\n|---|---|---|---|---|---|---|---|")
+            "our MFU | PyTorch MFU | load avg |\n|---|---|---|---|---|---|---|---|---|")
 
   def __init__(self, case, batch, ours_s, torch_s, first_s, unit_per_s=None, units=None,
                flops=None):
@@ -93,12 +129,16 @@ class Row:
       if self.units:
         text += f" ({self.units / seconds:.2f} {self.unit_per_s})"
       return text
-    ratio = f"{self.torch_s / self.ours_s:.2f}x" if self.torch_s else "-"
-    mfu = "-"
-    if peak_tflops and self.flops:
-      mfu = f"{self.flops / self.ours_s / (peak_tflops * 1e12) * 100:.1f}%"
+
+    def mfu(seconds):
+      if not (peak_tflops and self.flops and seconds):
+        return "-"
+      return f"{self.flops / seconds / (peak_tflops * 1e12) * 100:.1f}%"
+    ratio = f"{self.torch_s / self.ours_s:.2f}x" if self.torch_s and self.ours_s else "-"
+    first = "-" if self.first_s is None else f"{self.first_s:.1f}"
     return (f"| {self.case} | {self.batch} | {fmt(self.ours_s)} | {fmt(self.torch_s)} | "
-            f"{ratio} | {self.first_s:.1f} | {mfu} | {load_average()} |")
+            f"{ratio} | {first} | {mfu(self.ours_s)} | {mfu(self.torch_s)} | "
+            f"{load_average()} |")
 
 
 def make_inputs(spec: Dict, dim: int, batch: int, seed: int) -> Dict[str, np.ndarray]:
@@ -143,6 +183,14 @@ class Bench:
       self.params = jax.jit(self.unet.init)(
           jax.random.PRNGKey(0), jnp.zeros(sample.shape), jnp.zeros((1,), jnp.int32),
           jnp.zeros(text.shape))["params"]
+    # Inference (forward, trajectory) runs on weights cast once to the compute dtype, as
+    # PyTorch's .to(dtype); training keeps float32 master weights (mixed precision).
+    cast = ((lambda x: jax.ShapeDtypeStruct(x.shape, dtype)) if FLAGS.trace_only
+            else (lambda x: x.astype(dtype)))
+    self.infer_params = jax.tree_util.tree_map(cast, self.params)
+    self.notes: List[str] = []
+    self._flops_cache: Dict = {}
+    self._outputs: Dict = {}
     self.torch_unet = None
     self.torch_device = "cpu"
     if not (FLAGS.trace_only or FLAGS.skip_torch):
@@ -160,14 +208,39 @@ class Bench:
 
   # ----- helpers ------------------------------------------------------------------------
 
-  def _ours(self, jitted, args, flops_args=None):
-    """(first-call seconds, median seconds, flops) of jitted(*args)."""
+  def _ours(self, jitted, args):
+    """(first-call seconds, median seconds, last output) of jitted(*args)."""
     start = time.perf_counter()
-    jax.block_until_ready(jitted(*args))
+    out = jax.block_until_ready(jitted(*args))
     first = time.perf_counter() - start
     median = median_seconds(lambda: jax.block_until_ready(jitted(*args)), FLAGS.reps)
-    flops = compiled_flops(jitted, *(flops_args or args)) if FLAGS.peak_tflops else None
-    return first, median, flops
+    return first, median, out
+
+  def unet_flops(self, batch: int, backward: bool) -> Optional[float]:
+    """FLOPs of one UNet forward (or forward+backward) at ``batch`` (cached).
+
+    Counted by XLA's cost analysis of the HLO lowered for the CPU (no compile, the same
+    on every backend), with XLA's attention so that attention's FLOPs are counted (a cuDNN
+    custom call counts none). The trajectory and PPO rows use T times the UNet's FLOPs at
+    batch 3 x edits: the DDIM arithmetic, the log-prob and the optimizer update are
+    negligible next to it.
+    """
+    key = (batch, backward)
+    if key not in self._flops_cache:
+      sd = jax.ShapeDtypeStruct
+      side, length = self.side, self.spec["text_length"]
+      args = (sd((batch, side, side, 8), jnp.float32), sd((batch,), jnp.int32),
+              sd((batch, length, self.dim), jnp.float32))
+      counted = unet_lib.UNet2DConditionModel(self.config, dtype=self.unet.dtype)
+      if backward:
+        def loss(params, sample, t, text):
+          out = counted.apply({"params": params}, sample, t, text)
+          return jnp.mean(out.astype(jnp.float32) ** 2)
+        flops = hlo_flops(jax.jit(jax.grad(loss)), self.params, *args)
+      else:
+        flops = hlo_flops(jax.jit(counted.apply), {"params": self.infer_params}, *args)
+      self._flops_cache[key] = flops
+    return self._flops_cache[key]
 
   def _torch_time(self, fn) -> Optional[float]:
     if self.torch_unet is None:
@@ -175,7 +248,10 @@ class Bench:
     fn()  # warm-up
     if self.torch_device == "cuda":
       sync = self.torch.cuda.synchronize
-      return median_seconds(lambda: (fn(), sync()), FLAGS.reps)
+      seconds = median_seconds(lambda: (fn(), sync()), FLAGS.reps)
+      # Hand the cached blocks back so that our next case's buffers find the memory.
+      self.torch.cuda.empty_cache()
+      return seconds
     return median_seconds(fn, FLAGS.reps)
 
   def _t(self, array, nhwc=False):
@@ -202,27 +278,44 @@ class Bench:
     """The UNet inputs as torch tensors on the reference device (sample in torch layout)."""
     return self._t(sample, True), self.torch.from_numpy(t).to(self.torch_device), self._t(text)
 
-  def forward(self, batch: int) -> Row:
+  def forward(self, batch: int, ours: bool = True, torch: bool = True) -> Row:
     sample, t, text = self.unet_inputs(batch)
-    args = ({"params": self.params}, jnp.asarray(sample), jnp.asarray(t), jnp.asarray(text))
-    first, ours, flops = self._ours(self.forward_fn(), args)
-    torch_s = None
-    if self.torch_unet is not None:
+    first = ours_s = flops = torch_s = None
+    if ours:
+      args = ({"params": self.infer_params}, jnp.asarray(sample), jnp.asarray(t),
+              jnp.asarray(text))
+      first, ours_s, out = self._ours(self.forward_fn(), args)
+      self._outputs[("ours", batch)] = np.asarray(out, np.float32)
+      flops = self.unet_flops(batch, backward=False) if FLAGS.peak_tflops else None
+    if torch and self.torch_unet is not None:
       ts, tt, tx = self._torch_unet_inputs(sample, t, text)
       self.torch_unet.eval()
 
       def run():
         with self.torch.no_grad():
-          self.torch_unet(ts, tt, tx).sample.sum().item()
-      torch_s = self._torch_time(run)
-    return Row("UNet forward", batch, ours, torch_s, first, flops=flops)
+          return self.torch_unet(ts, tt, tx).sample
+      torch_s = self._torch_time(lambda: run().sum().item())
+      self._outputs[("torch", batch)] = np.moveaxis(run().float().cpu().numpy(), 1, -1)
+    self._note_output_difference(batch)
+    return Row("UNet forward", batch, ours_s, torch_s, first, flops=flops)
 
-  def backward(self, batch: int) -> Row:
+  def _note_output_difference(self, batch: int) -> None:
+    """Once both sides' batch-``batch`` forward outputs exist, notes their relative gap."""
+    mine, reference = self._outputs.get(("ours", batch)), self._outputs.get(("torch", batch))
+    if mine is None or reference is None:
+      return
+    rel = np.linalg.norm(mine - reference) / np.linalg.norm(reference)
+    self.notes.append(f"UNet forward batch {batch}: ||ours - PyTorch|| / ||PyTorch|| = "
+                      f"{rel:.2e} ({FLAGS.dtype} vs {FLAGS.torch_dtype})")
+
+  def backward(self, batch: int, ours: bool = True, torch: bool = True) -> Row:
     sample, t, text = self.unet_inputs(batch)
-    args = (self.params, jnp.asarray(sample), jnp.asarray(t), jnp.asarray(text))
-    first, ours, flops = self._ours(self.backward_fn(), args)
-    torch_s = None
-    if self.torch_unet is not None:
+    first = ours_s = flops = torch_s = None
+    if ours:
+      args = (self.params, jnp.asarray(sample), jnp.asarray(t), jnp.asarray(text))
+      first, ours_s, _ = self._ours(self.backward_fn(), args)
+      flops = self.unet_flops(batch, backward=True) if FLAGS.peak_tflops else None
+    if torch and self.torch_unet is not None:
       ts, tt, tx = self._torch_unet_inputs(sample, t, text)
       self.torch_unet.train()
 
@@ -232,26 +325,30 @@ class Bench:
         (out ** 2).mean().backward()
         next(self.torch_unet.parameters()).grad.sum().item()
       torch_s = self._torch_time(run)
-    return Row("UNet forward+backward", batch, ours, torch_s, first, flops=flops)
+      self.torch_unet.zero_grad(set_to_none=True)
+    return Row("UNet forward+backward", batch, ours_s, torch_s, first, flops=flops)
 
-  def trajectory(self) -> Row:
+  def trajectory(self, ours: bool = True, torch: bool = True) -> Row:
     edits = FLAGS.edits
     x = make_inputs(self.spec, self.dim, edits, seed=100)
-    sampler = sampling.make_trajectory_sampler(self.unet, self.schedule, self.sampler_config)
-    args = (self.params, edit_conditioning(x), jax.random.PRNGKey(0), sampling.Guidance())
-    first, ours, flops = self._ours(sampler, args)
-    flops = flops and flops * FLAGS.steps  # cost analysis counts a scan body once
-    if sampler._cache_size() != 1:  # pylint: disable=protected-access
-      raise RuntimeError("the trajectory sampler recompiled between calls")
-    torch_s = None
-    if self.torch_unet is not None:
+    first = ours_s = flops = torch_s = None
+    if ours:
+      sampler = sampling.make_trajectory_sampler(self.unet, self.schedule, self.sampler_config)
+      args = (self.infer_params, edit_conditioning(x), jax.random.PRNGKey(0),
+              sampling.Guidance())
+      first, ours_s, _ = self._ours(sampler, args)
+      unet = self.unet_flops(3 * edits, backward=False) if FLAGS.peak_tflops else None
+      flops = unet and unet * FLAGS.steps
+      if sampler._cache_size() != 1:  # pylint: disable=protected-access
+        raise RuntimeError("the trajectory sampler recompiled between calls")
+    if torch and self.torch_unet is not None:
       scheduler = self.ref.make_scheduler(ddim.default_scheduler_config(), FLAGS.steps)
       text, uncond, image = self._t(x["text"]), self._t(x["uncond"]), self._t(x["image"], True)
       generator = self.torch.Generator(device=self.torch_device).manual_seed(0)
       self.torch_unet.eval()
       torch_s = self._torch_time(lambda: self.ref.sample_trajectory(
           self.torch_unet, scheduler, text, uncond, image, generator).sum().item())
-    return Row(f"trajectory T={FLAGS.steps}", edits, ours, torch_s, first, "images/s",
+    return Row(f"trajectory T={FLAGS.steps}", edits, ours_s, torch_s, first, "images/s",
                edits, flops)
 
   def ppo_batch(self, x) -> ppo.PPOBatch:
@@ -266,39 +363,59 @@ class Bench:
         timesteps=jnp.asarray(self.schedule.timesteps(steps), jnp.int32),
         guidance=sampling.Guidance())
 
-  def ppo_update(self) -> Row:
+  def ppo_update(self, ours: bool = True, torch: bool = True) -> Row:
     edits, steps = FLAGS.edits, FLAGS.steps
     x = make_inputs(self.spec, self.dim, edits, seed=200)
     batch = self.ppo_batch(x)
-    step = ppo.make_train_step(self.unet, self.schedule, self.sampler_config, self.ppo_config)
-    holder = {"state": ppo.init_train_state(jax.random.PRNGKey(1), self.params,
-                                            self.ppo_config)[0]}
+    first = ours_s = flops = torch_s = None
+    if ours:
+      step = ppo.make_train_step(self.unet, self.schedule, self.sampler_config,
+                                 self.ppo_config)
+      holder = {"state": ppo.init_train_state(jax.random.PRNGKey(1), self.params,
+                                              self.ppo_config)[0]}
 
-    def run():
-      holder["state"], metrics = step(holder["state"], None, batch, jax.random.PRNGKey(2))
-      jax.block_until_ready(metrics)
+      def run():
+        holder["state"], metrics = step(holder["state"], None, batch, jax.random.PRNGKey(2))
+        jax.block_until_ready(metrics)
 
-    start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    ours = median_seconds(run, FLAGS.reps)
-    if step._cache_size() != 1:  # pylint: disable=protected-access
-      raise RuntimeError("the PPO train step recompiled between calls")
-    flops = (compiled_flops(step, holder["state"], None, batch, jax.random.PRNGKey(2))
-             if FLAGS.peak_tflops else None)
-    flops = flops and flops * steps  # cost analysis counts the scan body once
-    torch_s = None
-    if self.torch_unet is not None:
+      start = time.perf_counter()
+      run()
+      first = time.perf_counter() - start
+      ours_s = median_seconds(run, FLAGS.reps)
+      if step._cache_size() != 1:  # pylint: disable=protected-access
+        raise RuntimeError("the PPO train step recompiled between calls")
+      unet = self.unet_flops(3 * edits, backward=True) if FLAGS.peak_tflops else None
+      flops = unet and unet * steps
+      del holder
+    if torch and self.torch_unet is not None:
       scheduler = self.ref.make_scheduler(ddim.default_scheduler_config(), steps)
       update = self.ref.make_ppo_update(self.torch_unet, scheduler)
       chain = self.torch.from_numpy(np.moveaxis(np.asarray(batch.latents), -1, 2).copy()).to(
           self.torch_device, self.torch_dtype)
       log_probs = self.torch.zeros((edits, steps), device=self.torch_device)
-      adv = self.torch.from_numpy(np.asarray(batch.advantages)).to(self.torch_device)
+      adv = self.torch.from_numpy(np.array(batch.advantages)).to(self.torch_device)
       text, uncond, image = self._t(x["text"]), self._t(x["uncond"]), self._t(x["image"], True)
       torch_s = self._torch_time(lambda: update(chain, log_probs, adv, text, uncond, image))
-    return Row(f"PPO update T={steps} (full)", edits, ours, torch_s, first, "pairs/s",
+      del update  # its AdamW state
+      self.torch_unet.zero_grad(set_to_none=True)
+    return Row(f"PPO update T={steps} (full)", edits, ours_s, torch_s, first, "pairs/s",
                edits * steps, flops)
+
+  def run_case(self, name: str, batch: Optional[int], ours: bool = True,
+               torch: bool = True) -> Row:
+    if name == "trajectory":
+      return self.trajectory(ours, torch)
+    if name == "ppo":
+      return self.ppo_update(ours, torch)
+    return getattr(self, name)(batch, ours, torch)
+
+  def release_torch(self) -> None:
+    """Drops the PyTorch model and hands its cached device memory back."""
+    self.torch_unet = None
+    if self.torch_device == "cuda":
+      import gc  # pylint: disable=import-outside-toplevel
+      gc.collect()
+      self.torch.cuda.empty_cache()
 
   def trace(self) -> List[str]:
     """Lowers (no compile, no run) our forward, backward, sampler and train step; FLOPs."""
@@ -349,18 +466,45 @@ def main(_):
     import diffusers  # pylint: disable=import-outside-toplevel
     print(f"PyTorch {bench.torch.__version__} ({FLAGS.torch_dtype}, {bench.torch_device}, "
           f"{bench.torch.get_num_threads()} threads), diffusers {diffusers.__version__}")
+  cases = parse_cases(FLAGS.cases, FLAGS.batches)
+  start = time.perf_counter()
+  torch_rows: Dict = {}
+  if FLAGS.torch_first and bench.torch_unet is not None:
+    for name, batch in cases:  # PyTorch side of every case, then ours: never both in memory
+      row = run_guarded(bench, name, batch, start, ours=False)
+      if row is not None:
+        torch_rows[(name, batch)] = row
+        print(f"PyTorch {row.case} batch {batch or row.batch}: "
+              f"{row.markdown(FLAGS.peak_tflops).split('|')[4].strip()}", flush=True)
+    bench.release_torch()
   print(Row.HEADER, flush=True)
-  for case in FLAGS.cases:
-    if case in ("forward", "backward"):
-      for batch in FLAGS.batches:
-        row = getattr(bench, case)(int(batch))
-        print(row.markdown(FLAGS.peak_tflops), flush=True)
-    elif case == "trajectory":
-      print(bench.trajectory().markdown(FLAGS.peak_tflops), flush=True)
-    elif case == "ppo":
-      print(bench.ppo_update().markdown(FLAGS.peak_tflops), flush=True)
-    else:
-      raise ValueError(f"unknown case {case!r}; choose from forward, backward, trajectory, ppo.")
+  for name, batch in cases:
+    row = run_guarded(bench, name, batch, start, torch=not FLAGS.torch_first)
+    if row is None:
+      continue
+    if (name, batch) in torch_rows:
+      row.torch_s = torch_rows[(name, batch)].torch_s
+    print(row.markdown(FLAGS.peak_tflops), flush=True)
+  if bench.notes:
+    print("\n".join(bench.notes))
+
+
+def run_guarded(bench: Bench, name: str, batch: Optional[int], start: float,
+                ours: bool = True, torch: bool = True) -> Optional[Row]:
+  """One case (or one side of it); None after printing a skipped / failed row."""
+  if FLAGS.deadline_s is not None and time.perf_counter() - start > FLAGS.deadline_s:
+    print(f"| {name} | {batch or '-'} | skipped: --deadline_s={FLAGS.deadline_s:g} passed "
+          "| | | | | | |", flush=True)
+    return None
+  try:
+    return bench.run_case(name, batch, ours, torch)
+  except Exception as error:  # pylint: disable=broad-except
+    if not FLAGS.keep_going:
+      raise
+    side = "PyTorch" if not ours else "ours" if not torch else "both"
+    message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    print(f"| {name} | {batch or '-'} | failed ({side}): {message} | | | | | | |", flush=True)
+    return None
 
 
 if __name__ == "__main__":

@@ -37,6 +37,19 @@ def test_tiny_run_prints_side_by_side_rows():
   assert "images/s" in rows[1]
 
 
+def test_tiny_torch_first_fills_both_sides_and_notes_the_difference():
+  out = _run("--cases=forward@2,ppo", "--steps=2", "--edits=1", "--reps=1", "--torch_first",
+             "--peak_tflops=1")
+  assert "PyTorch UNet forward batch 2:" in out, out
+  rows = [line for line in out.splitlines() if line.startswith(("| UNet", "| PPO"))]
+  assert len(rows) == 2, out
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] != "-" and cells[3] != "-" and cells[4].endswith("x"), row
+    assert cells[6].endswith("%") and cells[7].endswith("%"), row
+  assert "UNet forward batch 2: ||ours - PyTorch|| / ||PyTorch|| = " in out, out
+
+
 def test_tiny_trace_only_lowers_every_case():
   out = _run("--trace_only", "--steps=2", "--edits=1")
   for name in ("UNet forward", "UNet forward+backward", "trajectory", "PPO update"):
@@ -67,6 +80,10 @@ def test_row_ratio_and_mfu():
   assert cells[2] == "500.0 ms (6.00 images/s)"
   assert cells[4] == "2.00x"
   assert cells[6] == "50.0%"  # 1e12 FLOP / 0.5 s / 4e12 FLOP/s
+  assert cells[7] == "25.0%"  # the same FLOPs in PyTorch's 1.0 s
+  one_side = run.Row("case", 3, ours_s=None, torch_s=1.0, first_s=None)
+  cells = [c.strip() for c in one_side.markdown(peak_tflops=None).strip("|").split("|")]
+  assert cells[2] == "-" and cells[4] == "-" and cells[5] == "-"
 
 
 def test_median_seconds_calls_reps_times():
@@ -75,10 +92,27 @@ def test_median_seconds_calls_reps_times():
   assert len(calls) == 5
 
 
-def test_compiled_flops_of_a_matmul():
+def test_hlo_flops_of_a_matmul():
   a = jnp.ones((8, 16), jnp.float32)
   b = jnp.ones((16, 4), jnp.float32)
-  flops = run.compiled_flops(jax.jit(jnp.matmul), a, b)
+  flops = run.hlo_flops(jax.jit(jnp.matmul), a, b)
   if flops is None:
     pytest.skip("this backend reports no cost analysis")
   assert flops == pytest.approx(2 * 8 * 16 * 4, rel=0.1)
+
+
+def test_hlo_flops_accepts_abstract_inputs():
+  spec = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+  flops = run.hlo_flops(jax.jit(jnp.matmul), spec, jax.ShapeDtypeStruct((16, 4), jnp.float32))
+  if flops is None:
+    pytest.skip("this backend reports no cost analysis")
+  assert flops == pytest.approx(2 * 8 * 16 * 4, rel=0.1)
+
+
+def test_parse_cases_orders_and_expands():
+  assert run.parse_cases(["trajectory", "forward@12", "backward", "ppo"], ["1", "3"]) == [
+      ("trajectory", None), ("forward", 12), ("backward", 1), ("backward", 3), ("ppo", None)]
+  with pytest.raises(ValueError, match="unknown case 'fwd'"):
+    run.parse_cases(["fwd"], ["1"])
+  with pytest.raises(ValueError, match="only forward and backward take @"):
+    run.parse_cases(["ppo@4"], ["1"])

@@ -159,3 +159,18 @@ def test_benchmark_cli_flag():
   assert result.returncode == 0, result.stderr[-3000:]
   assert "attention_query_chunk=16" in result.stdout
   assert any(line.startswith("| UNet forward | 1 |") for line in result.stdout.splitlines())
+
+
+def test_cudnn_request_falls_back_to_xla_where_cudnn_refuses():
+  pick = layers.attention_implementation_for
+  assert pick("cudnn", 4096, jnp.bfloat16) == "cudnn"
+  assert pick("cudnn", 77, jnp.bfloat16) == "xla"  # CLIP's odd token count
+  assert pick("cudnn", 64, jnp.float32) == "xla"  # cuDNN takes half precision only
+  assert pick(None, 77, jnp.bfloat16) is None
+  assert pick("xla", 64, jnp.bfloat16) == "xla"
+  # A 'cudnn' layer over 77 keys runs (through XLA) on any backend and matches the default.
+  q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key, shape in zip(
+      jax.random.split(jax.random.PRNGKey(3), 3), [(1, 16, 8), (1, 77, 8), (1, 77, 8)]))
+  np.testing.assert_array_equal(
+      np.asarray(layers.fused_attention(q, k, v, 2, implementation="cudnn"), np.float32),
+      np.asarray(layers.fused_attention(q, k, v, 2), np.float32))

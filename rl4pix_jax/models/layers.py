@@ -229,6 +229,22 @@ def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.reshape(q.shape[:2] + (-1,)), probs
 
 
+def attention_implementation_for(implementation: Optional[str], key_length: int,
+                                  dtype) -> Optional[str]:
+  """The ``jax.nn.dot_product_attention`` implementation one layer uses.
+
+  'cudnn' (flash attention) takes bfloat16/float16 inputs with an even number of keys
+  (cuDNN refuses odd ones, e.g. CLIP's 77 text tokens, seen on an H100 with jax 0.11.2);
+  layers outside that (the cross-attention, float32 upcast layers) use XLA's attention, so a
+  UNet built with 'cudnn' runs its self-attention on cuDNN and the rest on XLA. Other
+  values pass through.
+  """
+  if implementation == "cudnn" and (key_length % 2 or
+                                    jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
+    return "xla"
+  return implementation
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
                     upcast: bool = False, implementation: Optional[str] = None) -> jax.Array:
   """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
@@ -237,7 +253,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
     q: (B, N, heads * d); k, v: (B, L, heads * d).
     heads: number of heads.
     upcast: run in float32 (diffusers' ``upcast_attention``/``upcast_softmax``).
-    implementation: None, 'xla' or 'cudnn'.
+    implementation: None, 'xla' or 'cudnn' (see ``attention_implementation_for``).
   Returns:
     (B, N, heads * d) in q's original dtype.
   """
@@ -246,6 +262,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
   if upcast:
     qh, kh, vh = (t.astype(jnp.float32) for t in (qh, kh, vh))
   scale = 1.0 / math.sqrt(qh.shape[-1])
+  implementation = attention_implementation_for(implementation, kh.shape[1], qh.dtype)
   out = jax.nn.dot_product_attention(qh, kh, vh, scale=scale, implementation=implementation)
   return out.astype(dtype).reshape(q.shape[:2] + (-1,))
 
