@@ -129,6 +129,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.ppo.timestep_fraction = 1.0
   c.ppo.stat_buffer_size = 16  # per-prompt ring buffer length
   c.ppo.stat_min_count = 4  # below this many values a prompt uses batch statistics
+  # Pathwise gradient of the attention-map reward (the maps depend on the weights directly,
+  # which the PPO likelihood-ratio gradient does not see); 0 = off. See README, "Rewards".
+  c.ppo.attention_pathwise_weight = 0.0
 
   # ---- RL loop ----------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()

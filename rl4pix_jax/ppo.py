@@ -12,6 +12,14 @@ Trainable sets: ``"full"`` trains every UNet parameter; ``"lora"`` trains only L
 on the attention projections (``rl4pix_jax.lora``), merged into the frozen UNet inside the
 step, and the frozen UNet gets no optimizer state.
 
+Pathwise attention gradient (``attention_pathwise_weight`` > 0): the attention-map reward
+reads maps that the UNet's own weights produce, so the reward of a stored trajectory changes
+with the weights directly, not only through which latents were sampled; the likelihood-ratio
+(PPO) gradient sees only the latter. With ``PPOBatch.map_cotangents`` (the reward's gradient
+with respect to each step's recorded maps, from the sampling pass) the re-score records the
+maps under the current weights and the loss adds ``-weight * <cotangent, maps>`` per visited
+step, whose gradient is that direct part (first order around the sampling weights).
+
 A non-finite loss, gradient or advantage skips the update: params and optimizer state come back
 bitwise unchanged, ``nonfinite_count`` (consecutive skips) grows, and ``metrics['nonfinite']``
 is 1. A finite update resets the count to 0.
@@ -57,6 +65,9 @@ class PPOConfig:
     timestep_fraction: fraction of the T steps trained per sample (ceil(T * fraction)).
     stat_buffer_size: per-prompt reward ring-buffer length (``advantages``).
     stat_min_count: values a prompt needs before it uses its own statistics.
+    attention_pathwise_weight: weight of the pathwise gradient of the attention-map reward
+      (module docstring); 0 turns it off. The trainer passes the cotangents in units of
+      the epoch's reward standard deviation, like the advantages.
   """
   trainable: str = "lora"
   lora_rank: int = 4
@@ -74,6 +85,7 @@ class PPOConfig:
   timestep_fraction: float = 1.0
   stat_buffer_size: int = 16
   stat_min_count: int = 4
+  attention_pathwise_weight: float = 0.0
 
   def __post_init__(self):
     problems = []
@@ -85,8 +97,9 @@ class PPOConfig:
     for name in ("adam_b1", "adam_b2"):
       if not 0 <= getattr(self, name) < 1:
         problems.append(f"{name}={getattr(self, name)!r} (expected in [0, 1))")
-    if not self.weight_decay >= 0:
-      problems.append(f"weight_decay={self.weight_decay!r} (expected >= 0)")
+    for name in ("weight_decay", "attention_pathwise_weight"):
+      if not getattr(self, name) >= 0:
+        problems.append(f"{name}={getattr(self, name)!r} (expected >= 0)")
     if not 0 < self.timestep_fraction <= 1:
       problems.append(f"timestep_fraction={self.timestep_fraction!r} (expected in (0, 1])")
     for name in ("lora_rank", "num_inner_epochs", "stat_buffer_size", "stat_min_count"):
@@ -269,6 +282,8 @@ class PPOBatch:
     advantages: (B,) float32 normalised advantages (clipped inside the loss).
     timesteps: (T,) int32 diffusion timesteps, noisiest first (``Trajectory.timesteps``).
     guidance: the guidance scales used when sampling.
+    map_cotangents: (B, T, r, r) float32 gradient of the (normalised) reward with respect to
+      ``Trajectory.attention_maps``, or None; needed when attention_pathwise_weight > 0.
   """
   cond: sampling.EditConditioning
   latents: jnp.ndarray
@@ -276,14 +291,23 @@ class PPOBatch:
   advantages: jnp.ndarray
   timesteps: jnp.ndarray
   guidance: sampling.Guidance
+  map_cotangents: Optional[jnp.ndarray] = None
 
 
-def _check_batch(batch: PPOBatch, sampler_config: sampling.SamplerConfig) -> None:
+def _check_batch(batch: PPOBatch, sampler_config: sampling.SamplerConfig,
+                 pathwise: bool = False) -> None:
   b, t1 = batch.latents.shape[:2]
   t = sampler_config.num_steps
   want = {"latents": (b, t + 1), "log_probs": (b, t), "advantages": (b,), "timesteps": (t,)}
   got = {"latents": (b, t1), "log_probs": batch.log_probs.shape,
          "advantages": batch.advantages.shape, "timesteps": batch.timesteps.shape}
+  if pathwise:
+    if batch.map_cotangents is None:
+      raise ValueError("attention_pathwise_weight > 0 needs PPOBatch.map_cotangents (the "
+                       "reward's gradient with respect to the recorded maps); pass them or "
+                       "set ppo.attention_pathwise_weight=0.")
+    want["map_cotangents"] = (b, t)
+    got["map_cotangents"] = batch.map_cotangents.shape[:2]
   bad = [f"{k} {got[k]} (expected {want[k]})" for k in want if tuple(got[k]) != want[k]]
   if bad:
     raise ValueError(f"PPOBatch does not fit B={b}, T=sampler num_steps={t}: " + ", ".join(bad)
@@ -326,11 +350,14 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
     the B samples); metrics ``loss``, ``approx_kl``, ``clipfrac`` averaged the same way.
   """
   c = PPOConfig.from_config(ppo_config)
-  _check_batch(batch, sampler_config)
+  pathwise = c.attention_pathwise_weight > 0
+  _check_batch(batch, sampler_config, pathwise)
   batch_size, num_steps = batch.log_probs.shape
   num_trained = num_trained_timesteps(num_steps, c.timestep_fraction)
   step_ratio = schedule.step_ratio(num_steps)
   order = shuffled_timestep_indices(key, batch_size, num_steps, num_trained)  # (B, K)
+  capture_side = (sampler_config.attention_side(batch.latents.shape[2]) if pathwise
+                  else None)
 
   def loss_at(params, index):
     latents = _per_sample_index(batch.latents, index)
@@ -338,10 +365,20 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
     old = _per_sample_index(batch.log_probs, index)
     timestep = batch.timesteps[index]
     unet_params = policy_params(params, frozen_params, c)
-    new = sampling.rescore_step(unet, unet_params, schedule, batch.cond, batch.guidance,
-                                latents, next_latents, timestep, timestep - step_ratio,
-                                sampler_config.eta)
-    return ppo_loss(new, old, batch.advantages, c.clip_range, c.adv_clip_max)
+    if not pathwise:
+      new = sampling.rescore_step(unet, unet_params, schedule, batch.cond, batch.guidance,
+                                  latents, next_latents, timestep, timestep - step_ratio,
+                                  sampler_config.eta)
+      return ppo_loss(new, old, batch.advantages, c.clip_range, c.adv_clip_max)
+    # rescore_step's two calls, with the current weights' maps recorded as well.
+    eps, maps = sampling.guided_noise_prediction(unet, unet_params, latents, timestep,
+                                                 batch.cond, batch.guidance, capture_side)
+    _, new = ddim.ddim_step(schedule, eps, timestep, timestep - step_ratio, latents,
+                            sampler_config.eta, prev_sample=next_latents)
+    loss, metrics = ppo_loss(new, old, batch.advantages, c.clip_range, c.adv_clip_max)
+    cotangent = _per_sample_index(batch.map_cotangents, index)  # (B, r, r)
+    direct = jnp.mean(jnp.sum(cotangent * maps, axis=(1, 2)))
+    return loss - c.attention_pathwise_weight * direct, metrics
 
   grad_fn = jax.value_and_grad(loss_at, has_aux=True)
 
@@ -394,13 +431,14 @@ def apply_gradients(state: TrainState, grads: Params, loss: jnp.ndarray,
   return new_state, metrics
 
 
-def batch_shardings(mesh: Mesh) -> PPOBatch:
+def batch_shardings(mesh: Mesh, map_cotangents: bool = False) -> PPOBatch:
   """PPOBatch of shardings: per-sample arrays split over the mesh's batch axes, the rest
-  (timesteps, guidance scales) replicated."""
+  (timesteps, guidance scales) replicated; ``map_cotangents``: the batch carries them."""
   split = parallel.batch_sharding(mesh)
   full = parallel.replicated(mesh)
   return PPOBatch(cond=split, latents=split, log_probs=split, advantages=split,
-                  timesteps=full, guidance=full)
+                  timesteps=full, guidance=full,
+                  map_cotangents=split if map_cotangents else None)
 
 
 def make_train_step(
@@ -452,5 +490,6 @@ def make_train_step(
   state_in = full if state_shardings is None else state_shardings
   frozen_in = full if frozen_shardings is None else frozen_shardings
   return jax.jit(train_step, donate_argnums=(0,),
-                 in_shardings=(state_in, frozen_in, batch_shardings(mesh), full),
+                 in_shardings=(state_in, frozen_in,
+                               batch_shardings(mesh, c.attention_pathwise_weight > 0), full),
                  out_shardings=(state_in, full))

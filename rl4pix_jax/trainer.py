@@ -239,6 +239,21 @@ def sample_grid(sources: np.ndarray, edits: np.ndarray, maps: np.ndarray,
                                   title=f"epoch {epoch}")
 
 
+def reward_with_map_gradient(reward_fn: Callable) -> Callable:
+  """``reward_fn(clip_params, inputs) -> (reward, parts)`` -> a function that also returns
+  d(sum of rewards) / d(inputs.attention_maps), (B, T, r, r) float32: the cotangents of
+  ``ppo.attention_pathwise_weight``."""
+
+  def fn(clip_params, inputs: RewardInputs):
+    def total(maps):
+      reward, parts = reward_fn(clip_params, inputs.replace(attention_maps=maps))
+      return jnp.sum(reward), (reward, parts)
+    gradient, (reward, parts) = jax.grad(total, has_aux=True)(inputs.attention_maps)
+    return reward, parts, gradient
+
+  return fn
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
           data_iterator: Any, stop_after_epochs: Optional[int] = None,
           on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None
@@ -320,6 +335,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
                                    frozen_shardings=frozen_shardings)
   reward_fn = jax.jit(make_reward_fn(config.reward, setup.clip_text_model,
                                      setup.clip_vision_model))
+  pathwise = ppo.PPOConfig.from_config(config.ppo).attention_pathwise_weight > 0
+  if pathwise:
+    if config.reward.attention_weight == 0:
+      raise ValueError("ppo.attention_pathwise_weight > 0 differentiates the attention-map "
+                       "reward, but reward.attention_weight is 0; set one of them.")
+    reward_fn = jax.jit(reward_with_map_gradient(
+        make_reward_fn(config.reward, setup.clip_text_model, setup.clip_vision_model)))
   policy = jax.jit(lambda trainable, base: ppo.policy_params(trainable, base, config.ppo),
                    in_shardings=(state_shardings.params, frozen_shardings),
                    out_shardings=unet_shardings)
@@ -363,6 +385,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
       current_unet = (policy(state.params, frozen) if frozen is not None
                       else state.params)
       samples, rewards, components, example_ids, texts = [], [], {}, [], []
+      map_gradients = []
       grid, pictured = None, False
       for i in range(sizes.num_sample_batches):
         batch = repeat_prompts(next(data_iterator), sizes.samples_per_prompt)
@@ -388,7 +411,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
             attention_maps=trajectory.attention_maps, reference_region=region,
             caption_ids=arrays["caption_ids"], source_caption_ids=arrays["source_caption_ids"],
             input_ids=arrays["input_ids"])
-        reward, parts = reward_fn(clip_params, inputs)
+        if pathwise:
+          reward, parts, map_gradient = reward_fn(clip_params, inputs)
+          map_gradients.append(map_gradient)
+        else:
+          reward, parts = reward_fn(clip_params, inputs)
         samples.append((cond, trajectory))
         rewards.append(_host(reward))
         for name, value in parts.items():
@@ -414,6 +441,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
       log_probs = jnp.concatenate([t.log_probs for _, t in samples])
       timesteps = samples[0][1].timesteps
       adv = jax.device_put(advantages.astype(np.float32), split)
+      map_cotangents = None
+      if pathwise:  # in the advantages' unit: reward / (the epoch's reward std)
+        map_cotangents = (jnp.concatenate(map_gradients)
+                          / max(float(all_rewards.std()), 1e-6))
       step_metrics: List[Dict[str, float]] = []
       for inner in range(config.ppo.num_inner_epochs):
         perm = np.asarray(jax.random.permutation(
@@ -424,7 +455,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
           minibatch = ppo.PPOBatch(
               cond=jax.tree_util.tree_map(take, cond_all), latents=take(latents),
               log_probs=take(log_probs), advantages=take(adv), timesteps=timesteps,
-              guidance=guidance)
+              guidance=guidance,
+              map_cotangents=None if map_cotangents is None else take(map_cotangents))
           step_key = jax.random.fold_in(epoch_key, 20_000 + inner * 1000 + m)
           state, metrics = train_step(state, frozen, minibatch, step_key)
           metrics = {k: float(v) for k, v in metrics.items()}

@@ -394,3 +394,61 @@ def test_batch_that_does_not_fit_the_sampler_is_named(setup):
   with pytest.raises(ValueError, match=r"log_probs \(2, 2\) \(expected \(2, 3\)\)"):
     ppo.ppo_gradients(setup["unet"], setup["schedule"], SAMPLER, FULL, setup["params"], None,
                       batch, jax.random.PRNGKey(0))
+
+
+def test_pathwise_attention_gradient_matches_a_per_step_reference(setup):
+  """With zero advantages the PPO term has no gradient, so the step's gradient is the
+  pathwise one: -weight * (1/K) * sum over visited (sample, step) of
+  d<cotangent, maps(params)>/d params / B, written out here one timestep at a time."""
+  unet, schedule, traj = setup["unet"], setup["schedule"], setup["traj"]
+  params = jax.tree.map(jnp.asarray, setup["params"])
+  tokens = dict(token_index=jnp.tile(jnp.array([[2, 3]], jnp.int32), (B, 1)),
+                token_mask=jnp.ones((B, 2), bool))
+  cond = setup["cond"].replace(**tokens)
+  recording = sampling.SamplerConfig(num_steps=T, eta=1.0, capture_size=SIDE // 2)
+  side = recording.attention_side(SIDE)
+  weight = 0.5
+  config = ppo.PPOConfig(trainable="full", clip_range=0.2, attention_pathwise_weight=weight,
+                         timestep_fraction=K / T)
+  tx = recording_sgd(1.0)
+  step = ppo.make_train_step(unet, schedule, recording, config, optimizer=tx)
+  cotangents = jax.random.normal(jax.random.PRNGKey(5), (B, T, side, side))
+  batch = ppo.PPOBatch(cond=cond, latents=traj.latents, log_probs=traj.log_probs,
+                       advantages=jnp.zeros((B,)), timesteps=traj.timesteps,
+                       guidance=setup["guidance"], map_cotangents=cotangents)
+  key = jax.random.PRNGKey(21)
+  state = ppo.init_train_state(jax.random.PRNGKey(0), params, config, optimizer=tx)[0]
+  state, _ = step(state, None, batch, key)
+  grads = state.opt_state[1] if isinstance(state.opt_state, tuple) else state.opt_state
+
+  order = np.asarray(ppo.shuffled_timestep_indices(key, B, T, K))
+  ratio_step = schedule.step_ratio(T)
+
+  def direct(p):
+    total = 0.0
+    for i in range(T):
+      weights = jnp.asarray([float(i in order[b]) for b in range(B)])
+      _, maps = sampling.guided_noise_prediction(unet, p, traj.latents[:, i],
+                                                 traj.timesteps[i], cond, setup["guidance"],
+                                                 side)
+      total += jnp.sum(weights * jnp.sum(cotangents[:, i] * maps, axis=(1, 2)))
+    return -weight * total / (B * K)
+  del ratio_step
+  want = jax.grad(direct)(params)
+  got_leaves, want_leaves = jax.tree.leaves(grads), jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  scale = max(float(jnp.max(jnp.abs(w))) for w in want_leaves)
+  assert scale > 0
+  for got, expected in zip(got_leaves, want_leaves):
+    np.testing.assert_allclose(got, expected, atol=1e-4 * scale, rtol=1e-3)
+
+
+def test_pathwise_weight_needs_cotangents(setup):
+  config = ppo.PPOConfig(trainable="full", attention_pathwise_weight=1.0)
+  batch = setup["batch_with"]([1.0, 0.0])
+  with pytest.raises(ValueError, match="needs PPOBatch.map_cotangents"):
+    ppo.ppo_gradients(setup["unet"], setup["schedule"], SAMPLER, config,
+                      jax.tree.map(jnp.asarray, setup["params"]), None, batch,
+                      jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="attention_pathwise_weight=-1"):
+    ppo.PPOConfig(attention_pathwise_weight=-1.0)
