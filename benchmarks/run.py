@@ -232,13 +232,17 @@ class Bench:
       args = (sd((batch, side, side, 8), jnp.float32), sd((batch,), jnp.int32),
               sd((batch, length, self.dim), jnp.float32))
       counted = unet_lib.UNet2DConditionModel(self.config, dtype=self.unet.dtype)
+      # Abstract params too: arrays placed on an accelerator cannot enter a CPU lowering.
+      abstract = lambda tree: jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
       if backward:
         def loss(params, sample, t, text):
           out = counted.apply({"params": params}, sample, t, text)
           return jnp.mean(out.astype(jnp.float32) ** 2)
-        flops = hlo_flops(jax.jit(jax.grad(loss)), self.params, *args)
+        flops = hlo_flops(jax.jit(jax.grad(loss)), abstract(self.params), *args)
       else:
-        flops = hlo_flops(jax.jit(counted.apply), {"params": self.infer_params}, *args)
+        flops = hlo_flops(jax.jit(counted.apply), {"params": abstract(self.infer_params)},
+                          *args)
       self._flops_cache[key] = flops
     return self._flops_cache[key]
 
