@@ -330,16 +330,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   frozen_params = replicate(setup.params.replace(unet={}))
   sampler = sampling.make_trajectory_sampler(models.unet, models.schedule, sampler_config, mesh,
                                              param_shardings=unet_shardings)
-  train_step = ppo.make_train_step(models.unet, models.schedule, sampler_config, config.ppo,
+  step_config = ppo.PPOConfig.from_config(config.ppo)
+  pathwise = step_config.attention_pathwise_weight > 0
+  if pathwise and config.reward.attention_weight == 0:
+    logging.warning("ppo.attention_pathwise_weight=%g is inactive: reward.attention_weight is "
+                    "0, so there is no attention reward to differentiate.",
+                    step_config.attention_pathwise_weight)
+    pathwise = False
+    step_config = dataclasses.replace(step_config, attention_pathwise_weight=0.0)
+  train_step = ppo.make_train_step(models.unet, models.schedule, sampler_config, step_config,
                                    mesh, state_shardings=state_shardings,
                                    frozen_shardings=frozen_shardings)
   reward_fn = jax.jit(make_reward_fn(config.reward, setup.clip_text_model,
                                      setup.clip_vision_model))
-  pathwise = ppo.PPOConfig.from_config(config.ppo).attention_pathwise_weight > 0
   if pathwise:
-    if config.reward.attention_weight == 0:
-      raise ValueError("ppo.attention_pathwise_weight > 0 differentiates the attention-map "
-                       "reward, but reward.attention_weight is 0; set one of them.")
     reward_fn = jax.jit(reward_with_map_gradient(
         make_reward_fn(config.reward, setup.clip_text_model, setup.clip_vision_model)))
   policy = jax.jit(lambda trainable, base: ppo.policy_params(trainable, base, config.ppo),
