@@ -121,22 +121,24 @@ class Row:
     self.case, self.batch, self.ours_s, self.torch_s = case, batch, ours_s, torch_s
     self.first_s, self.unit_per_s, self.units, self.flops = first_s, unit_per_s, units, flops
 
-  def markdown(self, peak_tflops: Optional[float]) -> str:
-    def fmt(seconds):
-      if seconds is None:
-        return "-"
-      text = f"{seconds * 1e3:.1f} ms"
-      if self.units:
-        text += f" ({self.units / seconds:.2f} {self.unit_per_s})"
-      return text
+  def time_text(self, seconds: Optional[float]) -> str:
+    """'12.3 ms' (with the throughput when the row has units), '-' for None."""
+    if seconds is None:
+      return "-"
+    text = f"{seconds * 1e3:.1f} ms"
+    if self.units:
+      text += f" ({self.units / seconds:.2f} {self.unit_per_s})"
+    return text
 
+  def markdown(self, peak_tflops: Optional[float]) -> str:
     def mfu(seconds):
       if not (peak_tflops and self.flops and seconds):
         return "-"
       return f"{self.flops / seconds / (peak_tflops * 1e12) * 100:.1f}%"
     ratio = f"{self.torch_s / self.ours_s:.2f}x" if self.torch_s and self.ours_s else "-"
     first = "-" if self.first_s is None else f"{self.first_s:.1f}"
-    return (f"| {self.case} | {self.batch} | {fmt(self.ours_s)} | {fmt(self.torch_s)} | "
+    return (f"| {self.case} | {self.batch} | {self.time_text(self.ours_s)} | "
+            f"{self.time_text(self.torch_s)} | "
             f"{ratio} | {first} | {mfu(self.ours_s)} | {mfu(self.torch_s)} | "
             f"{load_average()} |")
 
@@ -236,12 +238,9 @@ class Bench:
       abstract = lambda tree: jax.tree_util.tree_map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
       if backward:
-        def loss(params, sample, t, text):
-          out = counted.apply({"params": params}, sample, t, text)
-          return jnp.mean(out.astype(jnp.float32) ** 2)
-        flops = hlo_flops(jax.jit(jax.grad(loss)), abstract(self.params), *args)
+        flops = hlo_flops(self.backward_fn(counted), abstract(self.params), *args)
       else:
-        flops = hlo_flops(jax.jit(counted.apply), {"params": abstract(self.infer_params)},
+        flops = hlo_flops(self.forward_fn(counted), {"params": abstract(self.infer_params)},
                           *args)
       self._flops_cache[key] = flops
     return self._flops_cache[key]
@@ -269,12 +268,16 @@ class Bench:
     t = np.full((batch,), 500, np.int32)
     return sample, t, x["text"]
 
-  def forward_fn(self):
-    return jax.jit(self.unet.apply)
+  def forward_fn(self, unet=None):
+    """jit(unet.apply) of ``unet`` (default: the benchmarked UNet)."""
+    return jax.jit((self.unet if unet is None else unet).apply)
 
-  def backward_fn(self):
+  def backward_fn(self, unet=None):
+    """jit(grad) of mean(out^2) w.r.t. the params of ``unet`` (default: the benchmarked UNet)."""
+    unet = self.unet if unet is None else unet
+
     def loss(params, sample, t, text):
-      out = self.unet.apply({"params": params}, sample, t, text)
+      out = unet.apply({"params": params}, sample, t, text)
       return jnp.mean(out.astype(jnp.float32) ** 2)
     return jax.jit(jax.grad(loss))
 
@@ -478,8 +481,8 @@ def main(_):
       row = run_guarded(bench, name, batch, start, ours=False)
       if row is not None:
         torch_rows[(name, batch)] = row
-        print(f"PyTorch {row.case} batch {batch or row.batch}: "
-              f"{row.markdown(FLAGS.peak_tflops).split('|')[4].strip()}", flush=True)
+        print(f"PyTorch {row.case} batch {batch or row.batch}: {row.time_text(row.torch_s)}",
+              flush=True)
     bench.release_torch()
   print(Row.HEADER, flush=True)
   for name, batch in cases:

@@ -87,6 +87,11 @@ class PPOConfig:
   stat_min_count: int = 4
   attention_pathwise_weight: float = 0.0
 
+  @property
+  def pathwise(self) -> bool:
+    """Whether the train step adds the attention reward's pathwise gradient."""
+    return self.attention_pathwise_weight > 0
+
   def __post_init__(self):
     problems = []
     if self.trainable not in TRAINABLE_SETS:
@@ -350,13 +355,12 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
     the B samples); metrics ``loss``, ``approx_kl``, ``clipfrac`` averaged the same way.
   """
   c = PPOConfig.from_config(ppo_config)
-  pathwise = c.attention_pathwise_weight > 0
-  _check_batch(batch, sampler_config, pathwise)
+  _check_batch(batch, sampler_config, c.pathwise)
   batch_size, num_steps = batch.log_probs.shape
   num_trained = num_trained_timesteps(num_steps, c.timestep_fraction)
   step_ratio = schedule.step_ratio(num_steps)
   order = shuffled_timestep_indices(key, batch_size, num_steps, num_trained)  # (B, K)
-  capture_side = (sampler_config.attention_side(batch.latents.shape[2]) if pathwise
+  capture_side = (sampler_config.attention_side(batch.latents.shape[2]) if c.pathwise
                   else None)
 
   def loss_at(params, index):
@@ -365,17 +369,12 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
     old = _per_sample_index(batch.log_probs, index)
     timestep = batch.timesteps[index]
     unet_params = policy_params(params, frozen_params, c)
-    if not pathwise:
-      new = sampling.rescore_step(unet, unet_params, schedule, batch.cond, batch.guidance,
-                                  latents, next_latents, timestep, timestep - step_ratio,
-                                  sampler_config.eta)
-      return ppo_loss(new, old, batch.advantages, c.clip_range, c.adv_clip_max)
-    # rescore_step's two calls, with the current weights' maps recorded as well.
-    eps, maps = sampling.guided_noise_prediction(unet, unet_params, latents, timestep,
-                                                 batch.cond, batch.guidance, capture_side)
-    _, new = ddim.ddim_step(schedule, eps, timestep, timestep - step_ratio, latents,
-                            sampler_config.eta, prev_sample=next_latents)
+    new, maps = sampling.rescore_step_with_maps(
+        unet, unet_params, schedule, batch.cond, batch.guidance, latents, next_latents,
+        timestep, timestep - step_ratio, sampler_config.eta, capture_side)
     loss, metrics = ppo_loss(new, old, batch.advantages, c.clip_range, c.adv_clip_max)
+    if not c.pathwise:
+      return loss, metrics
     cotangent = _per_sample_index(batch.map_cotangents, index)  # (B, r, r)
     direct = jnp.mean(jnp.sum(cotangent * maps, axis=(1, 2)))
     return loss - c.attention_pathwise_weight * direct, metrics
@@ -491,5 +490,5 @@ def make_train_step(
   frozen_in = full if frozen_shardings is None else frozen_shardings
   return jax.jit(train_step, donate_argnums=(0,),
                  in_shardings=(state_in, frozen_in,
-                               batch_shardings(mesh, c.attention_pathwise_weight > 0), full),
+                               batch_shardings(mesh, c.pathwise), full),
                  out_shardings=(state_in, full))

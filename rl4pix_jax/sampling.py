@@ -257,10 +257,33 @@ def rescore_step(
   The same ``guided_noise_prediction`` and ``ddim.ddim_step`` that sampled, in re-score
   mode: with unchanged params it returns the sampled log-probs (PPO ratio 1).
   """
-  eps, _ = guided_noise_prediction(unet, params, latents, timestep, cond, guidance, None)
+  return rescore_step_with_maps(unet, params, schedule, cond, guidance, latents, next_latents,
+                                timestep, prev_timestep, eta, None)[0]
+
+
+def rescore_step_with_maps(
+    unet: nn.Module,
+    params: Params,
+    schedule: ddim.DDIMSchedule,
+    cond: EditConditioning,
+    guidance: Guidance,
+    latents: jnp.ndarray,
+    next_latents: jnp.ndarray,
+    timestep: jnp.ndarray,
+    prev_timestep: jnp.ndarray,
+    eta: float,
+    capture_side: Optional[int],
+) -> Tuple[jnp.ndarray, Optional[jnp.ndarray]]:
+  """:func:`rescore_step` that also records the target-token maps of this forward pass.
+
+  Returns ``(log_prob (B,), maps (B, r, r) float32 or None when capture_side is None)``,
+  the maps as ``guided_noise_prediction`` records them while sampling.
+  """
+  eps, maps = guided_noise_prediction(unet, params, latents, timestep, cond, guidance,
+                                      capture_side)
   _, log_prob = ddim.ddim_step(schedule, eps, timestep, prev_timestep, latents, eta,
                                prev_sample=next_latents)
-  return log_prob
+  return log_prob, maps
 
 
 def make_trajectory_sampler(

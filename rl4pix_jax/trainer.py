@@ -331,21 +331,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   sampler = sampling.make_trajectory_sampler(models.unet, models.schedule, sampler_config, mesh,
                                              param_shardings=unet_shardings)
   step_config = ppo.PPOConfig.from_config(config.ppo)
-  pathwise = step_config.attention_pathwise_weight > 0
-  if pathwise and config.reward.attention_weight == 0:
+  if step_config.pathwise and config.reward.attention_weight == 0:
     logging.warning("ppo.attention_pathwise_weight=%g is inactive: reward.attention_weight is "
                     "0, so there is no attention reward to differentiate.",
                     step_config.attention_pathwise_weight)
-    pathwise = False
     step_config = dataclasses.replace(step_config, attention_pathwise_weight=0.0)
   train_step = ppo.make_train_step(models.unet, models.schedule, sampler_config, step_config,
                                    mesh, state_shardings=state_shardings,
                                    frozen_shardings=frozen_shardings)
-  reward_fn = jax.jit(make_reward_fn(config.reward, setup.clip_text_model,
-                                     setup.clip_vision_model))
-  if pathwise:
-    reward_fn = jax.jit(reward_with_map_gradient(
-        make_reward_fn(config.reward, setup.clip_text_model, setup.clip_vision_model)))
+  # reward_fn(clip_params, inputs) -> (reward, parts, map gradient or None)
+  combined = make_reward_fn(config.reward, setup.clip_text_model, setup.clip_vision_model)
+  reward_fn = jax.jit(reward_with_map_gradient(combined) if step_config.pathwise
+                      else lambda clip_params, inputs: (*combined(clip_params, inputs), None))
   policy = jax.jit(lambda trainable, base: ppo.policy_params(trainable, base, config.ppo),
                    in_shardings=(state_shardings.params, frozen_shardings),
                    out_shardings=unet_shardings)
@@ -415,11 +412,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
             attention_maps=trajectory.attention_maps, reference_region=region,
             caption_ids=arrays["caption_ids"], source_caption_ids=arrays["source_caption_ids"],
             input_ids=arrays["input_ids"])
-        if pathwise:
-          reward, parts, map_gradient = reward_fn(clip_params, inputs)
-          map_gradients.append(map_gradient)
-        else:
-          reward, parts = reward_fn(clip_params, inputs)
+        reward, parts, map_gradient = reward_fn(clip_params, inputs)
+        map_gradients.append(map_gradient)
         samples.append((cond, trajectory))
         rewards.append(_host(reward))
         for name, value in parts.items():
@@ -446,7 +440,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
       timesteps = samples[0][1].timesteps
       adv = jax.device_put(advantages.astype(np.float32), split)
       map_cotangents = None
-      if pathwise:  # in the advantages' unit: reward / (the epoch's reward std)
+      if step_config.pathwise:  # in the advantages' unit: reward / (the epoch's reward std)
         map_cotangents = (jnp.concatenate(map_gradients)
                           / max(float(all_rewards.std()), 1e-6))
       step_metrics: List[Dict[str, float]] = []

@@ -64,6 +64,23 @@ def test_rescoring_reproduces_sampled_log_probs(setup):
     np.testing.assert_allclose(np.exp(log_prob - traj.log_probs[:, i]), 1.0, atol=1e-4)
 
 
+def test_rescoring_with_maps_reproduces_the_recorded_maps(setup):
+  unet, params, schedule, _, cond, traj = setup
+  side = CONFIG.attention_side(SIDE)
+  rescore = jax.jit(lambda p, x, nx, t, pt: sampling.rescore_step_with_maps(
+      unet, p, schedule, cond, sampling.Guidance(), x, nx, t, pt, CONFIG.eta, side))
+  i = T - 1
+  t = traj.timesteps[i]
+  log_prob, maps = rescore(params, traj.latents[:, i], traj.latents[:, i + 1], t,
+                           t - schedule.step_ratio(T))
+  np.testing.assert_allclose(log_prob, traj.log_probs[:, i], atol=1e-4)
+  np.testing.assert_allclose(maps, traj.attention_maps[:, i], rtol=1e-4, atol=1e-6)
+  _, no_maps = sampling.rescore_step_with_maps(
+      unet, params, schedule, cond, sampling.Guidance(), traj.latents[:, i],
+      traj.latents[:, i + 1], t, t - schedule.step_ratio(T), CONFIG.eta, None)
+  assert no_maps is None
+
+
 def test_same_key_same_trajectory_and_no_recompile(setup):
   _, params, _, sampler, cond, traj = setup
   again = sampler(params, cond, jax.random.PRNGKey(7), sampling.Guidance(7.5, 1.5))

@@ -134,13 +134,13 @@ def canonical_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilati
   """``lax.conv_general_dilated``'s signature (flax ``nn.Conv(conv_general_dilated=)``):
   :func:`canonical_conv` for plain NHWC/HWIO convolutions with explicit padding, the lax
   function for anything else."""
-  dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
-  plain = (jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == dims
-           if dimension_numbers is not None else False)
-  plain = (plain and not isinstance(padding, str) and feature_group_count == 1 and
-           batch_group_count == 1 and precision is None and preferred_element_type is None and
-           all(d == 1 for d in (lhs_dilation or (1,))) and
-           all(d == 1 for d in (rhs_dilation or (1,))) and lhs.ndim == 4)
+  plain = (lhs.ndim == 4 and dimension_numbers is not None and not isinstance(padding, str)
+           and feature_group_count == 1 and batch_group_count == 1 and precision is None
+           and preferred_element_type is None
+           and all(d == 1 for d in (lhs_dilation or (1,)))
+           and all(d == 1 for d in (rhs_dilation or (1,)))
+           and (jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)))
   if not plain:
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
