@@ -27,3 +27,20 @@ BENCHMARK_CONFIGS = {
                   up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
                   cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)),
 }
+
+# Queries per block of the UNet's chunked attention when the benchmarks run on a CPU backend:
+# the fastest setting measured for `small` on the 2-core CPU (benchmarks/README.md, "Profile").
+CPU_ATTENTION_QUERY_CHUNK = 512
+
+
+def attention_query_chunk(flag_value, backend: str):
+  """The UNet's ``attention_query_chunk`` for a benchmark flag value.
+
+  None: ``CPU_ATTENTION_QUERY_CHUNK`` on the 'cpu' backend, off (``jax.nn.dot_product_attention``)
+  on accelerators; 0: off; a positive int: that many queries per block.
+  """
+  if flag_value is None:
+    return CPU_ATTENTION_QUERY_CHUNK if backend == "cpu" else None
+  if flag_value < 0:
+    raise ValueError(f"attention_query_chunk must be >= 0 (0 = off), got {flag_value}.")
+  return flag_value or None

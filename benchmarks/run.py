@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import configs
 from benchmarks.configs import BENCHMARK_CONFIGS
 from rl4pix_jax import ddim, ppo, sampling
 from rl4pix_jax.models import unet as unet_lib
@@ -45,8 +46,8 @@ flags.DEFINE_enum("torch_dtype", "float32", ["float32", "float16", "bfloat16"],
 flags.DEFINE_string("attention", None, "jax.nn.dot_product_attention implementation "
                     "(None, 'xla', 'cudnn').")
 flags.DEFINE_integer("attention_query_chunk", None, "Our UNet's chunked attention "
-                     "(UNet2DConditionModel.attention_query_chunk; e.g. 32 on CPU); "
-                     "None: jax.nn.dot_product_attention over all queries at once.")
+                     "(UNet2DConditionModel.attention_query_chunk). Unset: 512 on a CPU "
+                     "backend, off on accelerators; 0: off (jax.nn.dot_product_attention).")
 flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s of the chip for MFU "
                    "(H100 SXM ~790 measured); None: no MFU column values.")
 flags.DEFINE_bool("trace_only", False, "Lower our functions with abstract inputs and print "
@@ -169,7 +170,8 @@ class Bench:
     dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
     self.unet = unet_lib.UNet2DConditionModel(
         self.config, dtype=dtype, attention_implementation=FLAGS.attention,
-        attention_query_chunk=FLAGS.attention_query_chunk)
+        attention_query_chunk=configs.attention_query_chunk(FLAGS.attention_query_chunk,
+                                                            jax.default_backend()))
     self.side, self.dim = self.spec["latent_side"], self.config.cross_attention_dim[0]
     self.schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())
     self.sampler_config = sampling.SamplerConfig(num_steps=FLAGS.steps, eta=1.0,
@@ -464,7 +466,7 @@ def main(_):
   print(f"config={FLAGS.config} unet_params={bench.parameter_count() / 1e6:.1f}M "
         f"latents={bench.side}x{bench.side} T={FLAGS.steps} edits={FLAGS.edits} "
         f"ours={FLAGS.dtype} on {jax.devices()[0].device_kind} (jax {jax.__version__}) "
-        f"attention={FLAGS.attention} attention_query_chunk={FLAGS.attention_query_chunk} "
+        f"attention={FLAGS.attention} attention_query_chunk={bench.unet.attention_query_chunk} "
         f"reps={FLAGS.reps}")
   if FLAGS.trace_only:
     print("\n".join(bench.trace()))

@@ -26,9 +26,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.stages_dir = ""  # supervised stages (vae/, clip/, unet/); "" = the workdir's parent
   c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators); params stay float32
   c.model.remat = False
-  # None: attention through jax.nn.dot_product_attention. An int (e.g. 32): the UNet's
-  # chunked attention with that many queries per block (same values to float rounding; several
-  # times faster on CPU for large self-attention, see benchmarks/README.md "Profile").
+  # None: attention through jax.nn.dot_product_attention. An int (e.g. 512): the UNet's
+  # chunked attention, at most that many queries per block (same values to float rounding;
+  # a CPU option, faster there for large self-attention, see benchmarks/README.md "Profile").
   c.model.attention_query_chunk = ml_collections.config_dict.placeholder(int)
   c.model.unet = dict(
       sample_size=8, in_channels=8, out_channels=4,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import run, torch_reference
+from benchmarks import configs, run, torch_reference
 from rl4pix_jax import ddim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,3 +116,13 @@ def test_parse_cases_orders_and_expands():
     run.parse_cases(["fwd"], ["1"])
   with pytest.raises(ValueError, match="only forward and backward take @"):
     run.parse_cases(["ppo@4"], ["1"])
+
+
+def test_attention_query_chunk_defaults_to_the_blocked_path_on_cpu_only():
+  assert configs.attention_query_chunk(None, "cpu") == configs.CPU_ATTENTION_QUERY_CHUNK
+  assert configs.attention_query_chunk(None, "gpu") is None
+  assert configs.attention_query_chunk(None, "tpu") is None
+  assert configs.attention_query_chunk(0, "cpu") is None
+  assert configs.attention_query_chunk(64, "gpu") == 64
+  with pytest.raises(ValueError, match=">= 0"):
+    configs.attention_query_chunk(-1, "cpu")

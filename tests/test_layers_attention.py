@@ -6,6 +6,7 @@ here: the speed figures are in benchmarks/README.md ("Profile"), from benchmarks
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -68,8 +69,8 @@ def test_chunked_upcast_and_bfloat16():
   assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads)))
 
 
-def test_attention_module_uses_chunks_only_above_the_chunk():
-  """query_chunk >= N falls back to the fused path; both give the same output."""
+def test_attention_module_with_query_chunk_matches_fused_for_any_chunk():
+  """query_chunk set: the blocked path for every chunk (smaller, equal, larger than N)."""
   x = jnp.asarray(np.random.RandomState(4).randn(2, 24, 16).astype(np.float32))
   module = layers.Attention(heads=2, head_dim=8, out_features=16)
   params = module.init(jax.random.PRNGKey(0), x)
@@ -77,6 +78,21 @@ def test_attention_module_uses_chunks_only_above_the_chunk():
   for chunk in (8, 24, 100):
     out = layers.Attention(2, 8, 16, query_chunk=chunk).apply(params, x)
     np.testing.assert_allclose(out, ref, atol=2e-6)
+
+
+def test_chunked_attention_gradient_runs_only_two_dimensional_matmuls():
+  """Every dot of the compiled forward + backward is a plain 2-D matmul (no batch dims).
+
+  The speed of the path on XLA's CPU backend rests on this: batched dots over many small
+  (batch, head) matrices were 2-3x slower (benchmarks/README.md, "Profile").
+  """
+  q, k, v = _qkv(5, 40, 24, 16)
+  loss = lambda q, k, v: jnp.sum(layers.chunked_attention(q, k, v, 4, 16) ** 2)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+  dots = re.findall(r"= f32\[[^\]]*\][^=]* dot\((.*)", hlo)
+  assert dots, "no dot in the compiled gradient"
+  for line in dots:
+    assert "lhs_batch_dims" not in line, line
 
 
 @pytest.fixture(scope="module")

@@ -351,75 +351,78 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
   return out.astype(dtype).reshape(q.shape[:2] + (-1,))
 
 
-def _attention_block_forward(q_block: jax.Array, keys_t: jax.Array, values: jax.Array,
+def _attention_block_forward(q_block: jax.Array, keys_t: jax.Array, values_t: jax.Array,
                              scale: float) -> Tuple[jax.Array, jax.Array]:
-  """One block of queries against all keys, head-major.
+  """One block of queries of one (batch, head) pair against all its keys.
 
-  q_block: (B, heads, c, d); keys_t: (B, heads, d, L); values: (B, heads, L, d).
-  Returns (out (B, heads, c, d) in values' dtype, log-sum-exp of the scaled scores
-  (B, heads, c, 1) float32).
+  q_block: (c, d); keys_t, values_t: (d, L). Returns (out (c, d) in values' dtype,
+  log-sum-exp of the scaled scores (c, 1) float32).
   """
-  scores = jnp.einsum("bhnd,bhdl->bhnl", q_block, keys_t,
-                      preferred_element_type=jnp.float32) * scale
+  scores = jnp.dot(q_block, keys_t, preferred_element_type=jnp.float32) * scale
   # The softmax does not depend on the subtracted maximum.
   peak = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
   shifted = jnp.exp(scores - peak)
   total = jnp.sum(shifted, axis=-1, keepdims=True)
-  out = jnp.einsum("bhnl,bhld->bhnd", shifted.astype(values.dtype), values,
+  out = jnp.einsum("nl,dl->nd", shifted.astype(values_t.dtype), values_t,
                    preferred_element_type=jnp.float32) / total
-  return out.astype(values.dtype), peak + jnp.log(total)
+  return out.astype(values_t.dtype), peak + jnp.log(total)
+
+
+def _pair_forward(q_blocks, keys_t, values_t, scale):
+  """All query blocks (blocks, c, d) of one pair, one after the other."""
+  return jax.lax.map(lambda q_block: _attention_block_forward(q_block, keys_t, values_t, scale),
+                     q_blocks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked_attention(q_blocks: jax.Array, keys_t: jax.Array, values: jax.Array,
+def _blocked_attention(q_blocks: jax.Array, keys_t: jax.Array, values_t: jax.Array,
                        scale: float) -> jax.Array:
-  """``_attention_block_forward`` over stacked query blocks, one block at a time.
+  """Attention of every (batch, head) pair, one pair and one query block at a time.
 
-  q_blocks: (blocks, B, heads, c, d); keys_t: (B, heads, d, L); values: (B, heads, L, d).
-  Returns (blocks, B, heads, c, d). The backward pass recomputes each block's probabilities.
+  q_blocks: (pairs, blocks, c, d); keys_t, values_t: (pairs, d, L).
+  Returns (pairs, blocks, c, d). The backward pass recomputes each block's probabilities.
   """
-  return jax.lax.map(lambda q_block: _attention_block_forward(q_block, keys_t, values,
-                                                              scale)[0], q_blocks)
+  return jax.lax.map(lambda pair: _pair_forward(*pair, scale)[0], (q_blocks, keys_t, values_t))
 
 
-def _blocked_attention_fwd(q_blocks, keys_t, values, scale):
-  out, log_sum = jax.lax.map(
-      lambda q_block: _attention_block_forward(q_block, keys_t, values, scale), q_blocks)
-  return out, (q_blocks, keys_t, values, out, log_sum)
+def _blocked_attention_fwd(q_blocks, keys_t, values_t, scale):
+  out, log_sum = jax.lax.map(lambda pair: _pair_forward(*pair, scale),
+                             (q_blocks, keys_t, values_t))
+  return out, (q_blocks, keys_t, values_t, out, log_sum)
 
 
-def _blocked_attention_bwd(scale, residuals, d_out):
-  """The softmax-attention gradient from recomputed probabilities (as flash attention).
+def _pair_backward(scale, pair):
+  """The softmax-attention gradient of one pair from recomputed probabilities.
 
-  A scan over the query blocks accumulates the key and value gradients in (B, heads, d, L)
-  layout; every product is a batched matmul whose operands and result have the long L axis
-  last (an (L, d) result with d as small as 4 is several times slower on XLA's CPU backend).
+  A scan over the pair's query blocks accumulates the key and value gradients in (d, L)
+  layout (an (L, d) result with d as small as 4 is several times slower on XLA's CPU backend).
   """
-  q_blocks, keys_t, values, out, log_sum = residuals
+  q_blocks, keys_t, values_t, out, log_sum, d_out = pair
   f32 = jnp.float32
-  keys = jnp.swapaxes(keys_t, -1, -2).astype(f32)  # (B, heads, L, d)
-  values_t = jnp.swapaxes(values, -1, -2).astype(f32)  # (B, heads, d, L)
+  keys = jnp.swapaxes(keys_t, -1, -2).astype(f32)  # (L, d)
 
   def step(carry, block):
     d_keys_t, d_values_t = carry
     q_block, out_block, log_sum_block, d_out_block = block
-    scores = jnp.einsum("bhnd,bhdl->bhnl", q_block, keys_t,
-                        preferred_element_type=f32) * scale
-    probs = jnp.exp(scores - log_sum_block)  # (B, heads, c, L)
+    scores = jnp.dot(q_block, keys_t, preferred_element_type=f32) * scale
+    probs = jnp.exp(scores - log_sum_block)  # (c, L)
     d_out_block = d_out_block.astype(f32)
-    d_values_t = d_values_t + jnp.einsum("bhnd,bhnl->bhdl", d_out_block, probs)
-    d_probs = jnp.einsum("bhnd,bhdl->bhnl", d_out_block, values_t)
+    d_values_t = d_values_t + jnp.dot(d_out_block.T, probs)
+    d_probs = jnp.dot(d_out_block, values_t, preferred_element_type=f32)
     row = jnp.sum(d_out_block * out_block.astype(f32), axis=-1, keepdims=True)
     d_scores = probs * (d_probs - row) * scale
-    d_keys_t = d_keys_t + jnp.einsum("bhnd,bhnl->bhdl", q_block.astype(f32), d_scores)
-    d_q = jnp.einsum("bhnl,bhld->bhnd", d_scores, keys)
+    d_keys_t = d_keys_t + jnp.dot(q_block.astype(f32).T, d_scores)
+    d_q = jnp.dot(d_scores, keys)
     return (d_keys_t, d_values_t), d_q.astype(q_block.dtype)
 
   zeros = jnp.zeros(keys_t.shape, f32)
   (d_keys_t, d_values_t), d_q = jax.lax.scan(step, (zeros, zeros),
                                               (q_blocks, out, log_sum, d_out))
-  return (d_q, d_keys_t.astype(keys_t.dtype),
-          jnp.swapaxes(d_values_t, -1, -2).astype(values.dtype))
+  return d_q, d_keys_t.astype(keys_t.dtype), d_values_t.astype(values_t.dtype)
+
+
+def _blocked_attention_bwd(scale, residuals, d_out):
+  return jax.lax.map(functools.partial(_pair_backward, scale), residuals + (d_out,))
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
@@ -427,49 +430,48 @@ _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, query_chunk: int,
                       upcast: bool = False) -> jax.Array:
-  """Exact softmax attention computed ``query_chunk`` queries at a time (memory-efficient path).
+  """Exact softmax attention, one (batch, head) pair and ``query_chunk`` queries at a time.
 
-  The same function as ``fused_attention``, evaluated differently: the queries are cut into
-  blocks of ``query_chunk`` rows and ``lax.map`` runs one block after the other, so only a
-  (B, heads, query_chunk, L) block of scores exists at any time instead of all (B, heads, N, L).
-  Every block sees all L keys, so its softmax is the ordinary one (no online rescaling): a
-  float32 max-subtracted ``exp``, ``exp @ v``, then division by the row sums (normalising the
-  (chunk, d) output instead of the (chunk, L) probabilities). The backward pass (a custom VJP,
-  a scan over the same blocks) recomputes each block's probabilities from its log-sum-exp,
-  so neither pass stores the probabilities. Keys and values are put in head-major layout
-  once, outside the loop (keys transposed to (B, heads, d, L)), so each block is plain
-  batched matmuls. Results equal ``fused_attention`` up to float rounding (~1e-6 relative in
-  float32). Reverse-mode differentiable (``jax.grad``/``jax.vjp``), not forward-mode
-  (``jax.jvp``).
-
-  On CPU this is much faster than materialising the scores when N * L is large (the UNet's
-  self-attention over 32x32 = 1024 tokens); see benchmarks/README.md ("Profile").
+  The same function as ``fused_attention``, evaluated differently: ``lax.map`` runs over the
+  B * heads (batch, head) pairs, and within a pair over blocks of at most ``query_chunk``
+  queries, so only one (query_chunk, L) block of scores exists at any time instead of all
+  (B, heads, N, L). Every block sees all L keys, so its softmax is the ordinary one (no
+  online rescaling): a float32 max-subtracted ``exp``, ``exp @ v``, then division by the row
+  sums (normalising the (chunk, d) output instead of the (chunk, L) probabilities). The
+  backward pass (a custom VJP over the same loops) recomputes each block's probabilities
+  from its log-sum-exp, so neither pass stores the probabilities. Every product is a plain
+  2-D matmul: on XLA's CPU backend batched matmuls of many small (batch, head) matrices
+  were 2-3x slower than this loop (benchmarks/README.md, "Profile"). Results equal
+  ``fused_attention`` up to float rounding (~1e-6 relative in float32). Reverse-mode
+  differentiable (``jax.grad``/``jax.vjp``), not forward-mode (``jax.jvp``).
 
   Args:
     q: (B, N, heads * d) queries; k, v: (B, L, heads * d).
     heads: number of heads.
-    query_chunk: queries per block (N need not be a multiple: the last block is padded).
+    query_chunk: at most this many queries per block (N need not be a multiple: the last
+      block is padded; query_chunk >= N: one block per pair).
     upcast: run in float32 (diffusers' ``upcast_attention``/``upcast_softmax``).
   Returns:
     (B, N, heads * d) in q's original dtype.
   """
   dtype = q.dtype
   batch, queries = q.shape[:2]
+  keys = k.shape[1]
   qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
   if upcast:
     qh, kh, vh = (t.astype(jnp.float32) for t in (qh, kh, vh))
   head_dim = qh.shape[-1]
+  pairs = batch * heads
   scale = 1.0 / math.sqrt(head_dim)
-  keys_t = jnp.transpose(kh, (0, 2, 3, 1))  # (B, heads, d, L)
-  values = jnp.transpose(vh, (0, 2, 1, 3))  # (B, heads, L, d)
-  q_heads = jnp.transpose(qh, (0, 2, 1, 3))  # (B, heads, N, d)
+  keys_t = jnp.transpose(kh, (0, 2, 3, 1)).reshape(pairs, head_dim, keys)
+  values_t = jnp.transpose(vh, (0, 2, 3, 1)).reshape(pairs, head_dim, keys)
+  q_pairs = jnp.transpose(qh, (0, 2, 1, 3)).reshape(pairs, queries, head_dim)
   chunk = max(1, min(int(query_chunk), queries))
   blocks = -(-queries // chunk)
-  padded = jnp.pad(q_heads, ((0, 0), (0, 0), (0, blocks * chunk - queries), (0, 0)))
-  stacked = jnp.moveaxis(padded.reshape(batch, heads, blocks, chunk, head_dim), 2, 0)
-  out = _blocked_attention(stacked, keys_t, values, scale)  # (blocks, B, heads, c, d)
-  out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, blocks * chunk, head_dim)
-  out = out[:, :, :queries]
+  padded = jnp.pad(q_pairs, ((0, 0), (0, blocks * chunk - queries), (0, 0)))
+  out = _blocked_attention(padded.reshape(pairs, blocks, chunk, head_dim), keys_t, values_t,
+                           scale)
+  out = out.reshape(batch, heads, blocks * chunk, head_dim)[:, :, :queries]
   return jnp.transpose(out, (0, 2, 1, 3)).astype(dtype).reshape(q.shape[:2] + (-1,))
 
 
@@ -480,7 +482,8 @@ class Attention(nn.Module):
   explicitly (float32 softmax) and the head-averaged maps of the chosen tokens are sown into
   the ``'attention_maps'`` collection under ``'probs'`` with shape (B, h, w, K). Otherwise
   ``jax.nn.dot_product_attention`` does the work and nothing is sown, or, with
-  ``query_chunk`` set, ``chunked_attention`` (the same function, blocks of queries at a time).
+  ``query_chunk`` set, ``chunked_attention`` (the same function, one (batch, head) pair and
+  block of queries at a time).
 
   Attributes:
     heads: number of heads.
@@ -490,7 +493,8 @@ class Attention(nn.Module):
     upcast: compute q k^T and the softmax in float32 (``upcast_attention``).
     implementation: passed to ``jax.nn.dot_product_attention`` (None, 'xla' or 'cudnn').
     query_chunk: None (off): ``jax.nn.dot_product_attention``; an int: ``chunked_attention``
-      with that many queries per block when there are more queries than that.
+      with at most that many queries per block (a CPU option; on accelerators use the fused
+      path).
     dtype: compute dtype.
   """
   heads: int
@@ -526,7 +530,7 @@ class Attention(nn.Module):
       out, probs = explicit_attention(q, k, v, self.heads)
       self.sow(ATTENTION_MAPS_COLLECTION, "probs",
                token_attention_maps(probs, token_index, token_mask, spatial_shape))
-    elif self.query_chunk and q.shape[1] > self.query_chunk:
+    elif self.query_chunk:
       out = chunked_attention(q, k, v, self.heads, self.query_chunk, self.upcast)
     else:
       out = fused_attention(q, k, v, self.heads, self.upcast, self.implementation)
