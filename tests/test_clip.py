@@ -336,3 +336,22 @@ def test_bfloat16_compute_close_to_float32(text_folders, apply_fns):
   assert half.last_hidden_state.dtype == jnp.float32  # final LayerNorm computes in float32
   error = np.max(np.abs(np.asarray(half.pooled_output) - np.asarray(full.pooled_output)))
   assert error < 0.1 * (1 + np.max(np.abs(np.asarray(full.pooled_output)))), error
+
+
+def test_gather_params_layouts_fill_and_errors():
+  """The shared state-dict -> Flax tree step of the CLIP and ViT loaders."""
+  shapes = {("proj", "kernel"): (3, 2), ("proj", "bias"): (2,), ("norm", "scale"): (2,)}
+  name_of = lambda path: ".".join(path[:-1] + ({"kernel": "weight", "scale": "weight"}.get(
+      path[-1], path[-1]),))
+  weight = np.arange(6, dtype=np.float32).reshape(2, 3)  # torch Linear (out, in)
+  state = {"proj.weight": weight, "norm.weight": np.ones(2, np.float32)}
+  fill = lambda path, shape: np.zeros(shape, np.float32) if path[-1] == "bias" else None
+  params, used = tc.gather_params(state, shapes, name_of, "f", fill=fill)
+  np.testing.assert_array_equal(params["proj"]["kernel"], weight.T)
+  np.testing.assert_array_equal(params["proj"]["bias"], np.zeros(2))
+  assert used == {"proj.weight", "norm.weight"}  # a filled tensor is not "used"
+  with pytest.raises(WeightsError, match=r"'f' lacks 1 tensor.*proj\.bias.*\(a hint\)"):
+    tc.gather_params(state, shapes, name_of, "f", hint=" (a hint)")
+  with pytest.raises(WeightsError, match=r"'proj\.weight' in 'f' has shape \(3, 2\), "
+                                         r"expected \(2, 3\)"):
+    tc.gather_params(dict(state, **{"proj.weight": weight.T}), shapes, name_of, "f", fill=fill)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, Mapping, NamedTuple, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -103,14 +103,31 @@ def vision_param_shapes(config: CLIPVisionConfig) -> Dict[Tuple[str, ...], tuple
   return _param_shapes(CLIPVisionModel(config), pixels)
 
 
-def _convert(state: Mapping[str, np.ndarray], shapes, prefix: str, folder: str):
-  """Builds the param tree from ``state``; returns (params, names it used)."""
-  flat, used = {}, set()
-  missing = []
+def gather_params(state: Mapping[str, np.ndarray], shapes: Mapping[Tuple[str, ...], tuple],
+                  name_of: Callable[[Tuple[str, ...]], str], folder: str,
+                  fill: Optional[Callable[[Tuple[str, ...], tuple], Optional[np.ndarray]]] = None,
+                  hint: str = "") -> Tuple[dict, set]:
+  """The Flax param tree for ``shapes`` from a transformers state dict; (params, names used).
+
+  Args:
+    state: torch name -> array (torch layouts).
+    shapes: Flax param path -> expected Flax shape.
+    name_of: Flax path -> torch name.
+    folder: named in errors.
+    fill: for a path whose tensor is absent, an array to use instead (or None: missing).
+    hint: appended to the missing-tensor error.
+  Raises:
+    WeightsError: a tensor is missing or has the wrong shape.
+  """
+  flat, used, missing = {}, set(), []
   for path, expected in shapes.items():
-    name = _torch_name(path, prefix)
+    name = name_of(path)
     if name not in state:
-      missing.append(name)
+      filled = fill(path, expected) if fill is not None else None
+      if filled is None:
+        missing.append(name)
+      else:
+        flat[path] = filled
       continue
     array = _to_flax_layout(path, np.asarray(state[name], np.float32))
     if tuple(array.shape) != expected:
@@ -121,7 +138,7 @@ def _convert(state: Mapping[str, np.ndarray], shapes, prefix: str, folder: str):
     used.add(name)
   if missing:
     raise WeightsError(f"{folder!r} lacks {len(missing)} tensor(s) the config needs, e.g. "
-                       f"{missing[:5]}.")
+                       f"{missing[:5]}{hint}.")
   return traverse_util.unflatten_dict(flat), used
 
 
@@ -168,7 +185,7 @@ def _load_tower(folder: str, want: str, config=None, state=None):
     prefix = _tower_prefix(state, VISION_PREFIX)
     shapes = vision_param_shapes(tower_config)
     other = (TEXT_PREFIX, "text_projection.") if is_clip_model else ()
-  params, used = _convert(state, shapes, prefix, folder)
+  params, used = gather_params(state, shapes, lambda path: _torch_name(path, prefix), folder)
   _check_unexpected(state, used, folder, other)
   return tower_config, params
 

@@ -36,7 +36,7 @@ from rl4pix_jax.models.clip import CLIPConfigError
 from rl4pix_jax.models.vit import ViTConfig, ViTModel
 from rl4pix_jax.weights.folders import (TRANSFORMERS_WEIGHTS_NAME, WeightsError,
                                         read_model_config, read_state_dict)
-from rl4pix_jax.weights.transformers_clip import _to_flax_layout, _to_torch_layout
+from rl4pix_jax.weights.transformers_clip import _to_torch_layout, gather_params
 
 HEAD_PREFIX = "vit."
 _STORED_BLOCK_NAMES = {
@@ -106,30 +106,21 @@ def _detect_naming(state: Mapping[str, np.ndarray]) -> str:
 
 def _convert(state: Mapping[str, np.ndarray], config: ViTConfig, folder: str) -> dict:
   naming = _detect_naming(state)
-  flat, used, missing = {}, set(), []
-  for path, expected in vit_param_shapes(config).items():
-    name = torch_name(path, naming)
-    if name not in state:
-      if not config.qkv_bias and _QKV_BIAS.search("/".join(path)):
-        flat[path] = np.zeros(expected, np.float32)  # qkv_bias=false: no bias = zero bias
-        continue
-      missing.append(name)
-      continue
-    array = _to_flax_layout(path, np.asarray(state[name], np.float32))
-    if tuple(array.shape) != expected:
-      torch_expected = _to_torch_layout(path, np.zeros(expected, np.int8)).shape
-      raise WeightsError(f"Tensor {name!r} in {folder!r} has shape {tuple(state[name].shape)}, "
-                         f"expected {tuple(torch_expected)} from config.json.")
-    flat[path] = array
-    used.add(name)
-  if missing:
-    raise WeightsError(f"{folder!r} lacks {len(missing)} tensor(s) the config needs, e.g. "
-                       f"{missing[:5]} (is it a transformers ViTModel folder?).")
+
+  def zero_qkv_bias(path, expected):  # qkv_bias=false: no bias = zero bias
+    if not config.qkv_bias and _QKV_BIAS.search("/".join(path)):
+      return np.zeros(expected, np.float32)
+    return None
+
+  params, used = gather_params(state, vit_param_shapes(config),
+                               lambda path: torch_name(path, naming), folder,
+                               fill=zero_qkv_bias,
+                               hint=" (is it a transformers ViTModel folder?)")
   unexpected = sorted(k for k in state if k not in used and not _IGNORED.search(k))
   if unexpected:
     raise WeightsError(f"{folder!r} has {len(unexpected)} unexpected tensor(s) for a ViTModel "
                        f"with this config.json, e.g. {unexpected[:5]}.")
-  return traverse_util.unflatten_dict(flat)
+  return params
 
 
 def load_vit(folder: str, layer_norm_eps: Optional[float] = None) -> Tuple[ViTConfig, dict]:
