@@ -364,13 +364,16 @@ def opt_state_shardings(opt_state: PyTree, params: PyTree, shardings: PyTree,
 
 
 def shard_params(params: PyTree, shardings: PyTree) -> PyTree:
-  """Places a tree (params, optimizer state) on the mesh with ``jax.device_put``.
+  """Places a tree that every process holds whole (params, optimizer state) on the mesh.
 
-  The result never aliases an input ``jax.Array``: those are copied first, because
-  ``device_put`` may reuse the input buffer for one shard (even with ``may_alias=False`` when
-  replicating onto more devices, JAX 0.10.2), and donating the result to a jitted step
-  (``donate_argnums``) would then delete the caller's array. Leaves are placed one at a time,
-  so the extra memory is one leaf.
+  Each leaf becomes a global ``jax.Array`` built by ``jax.make_array_from_callback`` from a
+  host copy: every process copies its own shards and, unlike ``jax.device_put`` of host data
+  on several processes, no cross-process equality check runs (one collective per leaf).
+  Leaves that are already global arrays spanning other processes, and typed PRNG keys, are
+  placed with ``jax.device_put`` of a copy. The result never aliases an input ``jax.Array``
+  (``device_put`` may reuse the input buffer for one shard, and donating the result to a
+  jitted step with ``donate_argnums`` would then delete the caller's array). Leaves are
+  placed one at a time, so the extra memory is one leaf.
 
   Args:
     params: tree of host or device arrays, identical on every process.
@@ -380,7 +383,11 @@ def shard_params(params: PyTree, shardings: PyTree) -> PyTree:
     The tree of global ``jax.Array``s, each laid out as its sharding says.
   """
   def place(x, sharding):
-    return jax.device_put(x.copy() if isinstance(x, jax.Array) else x, sharding)
+    if isinstance(x, jax.Array) and (not x.is_fully_addressable or
+                                     jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
+      return jax.device_put(x.copy(), sharding)
+    host = np.array(x) if isinstance(x, jax.Array) else np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
   return jax.tree.map(place, params, shardings)
 

@@ -176,19 +176,6 @@ def _host(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def _place(tree, shardings):
-  """Global arrays (fresh buffers, safe to donate) from a tree every process holds whole.
-
-  ``jax.make_array_from_callback`` copies each process's own shards from its host copy; unlike
-  ``jax.device_put`` of host data on several processes it runs no cross-process equality check
-  (one collective per leaf).
-  """
-  def place(x, sharding):
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-  return jax.tree_util.tree_map(place, tree, shardings)
-
-
 class MetricsLog:
   """metrics.jsonl + TensorBoard (process 0 only); truncates epochs >= a resume point."""
 
@@ -297,11 +284,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   # The UNet, the train state (its params and AdamW moments) and the frozen LoRA base are
   # placed by the sharding rules: large kernels split over 'fsdp', the rest replicated.
   base_key = jax.random.PRNGKey(config.seed)
-  replicate = lambda tree: _place(tree, jax.tree_util.tree_map(lambda _: replicated, tree))
+  replicate = lambda tree: parallel.shard_params(tree, jax.tree_util.tree_map(lambda _: replicated, tree))
   rules = parallel.default_sharding_rules(
       int(config.mesh.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)))
   unet_shardings = parallel.param_shardings(setup.params.unet, mesh, rules)
-  unet_params = _place(setup.params.unet, unet_shardings)
+  unet_params = parallel.shard_params(setup.params.unet, unet_shardings)
   init_key = replicate(jax.random.fold_in(base_key, 1))
   init_state = lambda key, unet: ppo.init_train_state(key, unet, config.ppo)[0]
   state_shardings = ppo.train_state_shardings(

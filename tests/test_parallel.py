@@ -199,6 +199,26 @@ def test_mirror_param_shardings_train_state_and_shape_mismatch():
 # ------------------------------------------------------------------------------ arrays
 
 
+def test_shard_params_places_every_leaf_kind_without_aliasing():
+  """Host arrays, device arrays (bfloat16 too), raw and typed PRNG keys, Python scalars."""
+  mesh = parallel.make_mesh()
+  tree = {"host": np.ones((2, 4), np.float32),
+          "bf16": jnp.arange(8, dtype=jnp.bfloat16).reshape(2, 4),
+          "raw_key": jax.random.PRNGKey(3), "typed_key": jax.random.key(3), "step": 5}
+  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), tree)
+  placed = parallel.shard_params(tree, shardings)
+  for name in ("host", "bf16", "raw_key"):
+    np.testing.assert_array_equal(placed[name], tree[name], err_msg=name)
+    assert placed[name].dtype == jnp.asarray(tree[name]).dtype, name
+  assert jax.random.key_data(placed["typed_key"]).tolist() == jax.random.key_data(
+      tree["typed_key"]).tolist()
+  assert int(placed["step"]) == 5
+  assert all(leaf.sharding == parallel.replicated(mesh) for leaf in jax.tree.leaves(placed))
+  jax.jit(lambda t: jax.tree.map(lambda x: x, t), donate_argnums=0)(
+      {k: placed[k] for k in ("bf16", "raw_key")})
+  np.testing.assert_array_equal(tree["bf16"], np.arange(8).reshape(2, 4))  # inputs intact
+
+
 def test_shard_params_and_global_batch_on_one_device():
   mesh = parallel.make_mesh()
   params = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)}
