@@ -353,9 +353,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
                    and config.reward.attention_region == "reference")
   reference = None
   if use_reference:
-    initial_unet = setup.params.unet
-    reference = jax.jit(lambda cond, key: reference_attention_maps(
-        models.unet, initial_unet, models.schedule, cond, key, sampler_config, guidance,
+    # The initial UNet is an argument (the placed unet_params), not a closed-over constant:
+    # a closure would embed every weight in the compiled program.
+    reference = jax.jit(lambda unet, cond, key: reference_attention_maps(
+        models.unet, unet, models.schedule, cond, key, sampler_config, guidance,
         scaling_factor=models.vae_scaling_factor,
         last_steps=config.reward.attention_last_steps))
   reference_cache: Dict[int, np.ndarray] = {}
@@ -390,7 +391,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
         if use_reference:
           missing = [int(j) for j in ids if int(j) not in reference_cache]
           if missing:
-            maps = _host(reference(cond, jax.random.fold_in(base_key, 7)))
+            maps = _host(reference(unet_params, cond, jax.random.fold_in(base_key, 7)))
             for j, m in zip(ids, maps):
               reference_cache.setdefault(int(j), m)
           region = jax.device_put(np.stack([reference_cache[int(j)] for j in ids]), split)

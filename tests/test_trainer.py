@@ -159,3 +159,14 @@ def test_pathwise_run_and_inactive_without_attention_reward(tmp_path):
   history = trainer.train(config, str(tmp_path / "clip_only"), setup,
                           rl_fixtures.tiny_data_iterator(config, setup.tokenizer))
   assert len(history) == 1 and "reward_attention" not in history[0]
+
+
+def test_reference_region_run(tmp_path):
+  """attention_region='reference': the initial UNet's maps are the target region."""
+  config = rl_fixtures.tiny_rl_config(**{"reward.attention_region": "reference",
+                                         "train.num_epochs": 1})
+  setup = rl_fixtures.tiny_rl_setup()
+  history = trainer.train(config, str(tmp_path / "run"), setup,
+                          rl_fixtures.tiny_data_iterator(config, setup.tokenizer))
+  assert len(history) == 1 and np.isfinite(history[0]["reward_attention"])
+  assert np.isfinite(history[0]["grad_norm"]) and history[0]["grad_norm"] > 0
