@@ -47,8 +47,9 @@ def test_bash_syntax(script):
 def test_shellcheck(script):
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed (apt-get install -y shellcheck); bash -n still ran")
-  proc = subprocess.run(["shellcheck", "--shell=bash", script], capture_output=True, text=True,
-                        check=False)
+  # -x follows the shared launch/dry_run.sh (its `# shellcheck source=` paths are from REPO).
+  proc = subprocess.run(["shellcheck", "-x", "--shell=bash", script], cwd=REPO,
+                        capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

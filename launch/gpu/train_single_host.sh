@@ -29,27 +29,8 @@ XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}"
 DRY_RUN="${DRY_RUN:-0}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION
 
-# Prints a command with shell quoting where needed (the dry-run format).
-show_cmd() {
-  local out=() arg
-  for arg in "$@"; do
-    if [[ "${arg}" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+=("${arg}")
-    else
-      out+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
-
-# Runs a command, or prints it when DRY_RUN=1.
-run() {
-  if [[ "${DRY_RUN}" == "1" ]]; then
-    show_cmd "$@"
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/dry_run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../dry_run.sh"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 

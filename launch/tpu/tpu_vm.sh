@@ -52,27 +52,8 @@ DRY_RUN="${DRY_RUN:-0}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 ARCHIVE="${TMPDIR:-/tmp}/rl4pix_jax_src.tar.gz"
 
-# Prints a command with shell quoting where needed (the dry-run format).
-show_cmd() {
-  local out=() arg
-  for arg in "$@"; do
-    if [[ "${arg}" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+=("${arg}")
-    else
-      out+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
-
-# Runs a command, or prints it when DRY_RUN=1.
-run() {
-  if [[ "${DRY_RUN}" == "1" ]]; then
-    show_cmd "$@"
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/dry_run.sh
+source "${REPO_ROOT}/launch/dry_run.sh"
 
 die() {
   echo "tpu_vm.sh: $*" >&2
