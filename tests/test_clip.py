@@ -344,14 +344,23 @@ def test_gather_params_layouts_fill_and_errors():
   name_of = lambda path: ".".join(path[:-1] + ({"kernel": "weight", "scale": "weight"}.get(
       path[-1], path[-1]),))
   weight = np.arange(6, dtype=np.float32).reshape(2, 3)  # torch Linear (out, in)
-  state = {"proj.weight": weight, "norm.weight": np.ones(2, np.float32)}
+  state = {"proj.weight": weight, "norm.weight": np.ones(2, np.float32),
+           "ids.position_ids": np.arange(2)}
   fill = lambda path, shape: np.zeros(shape, np.float32) if path[-1] == "bias" else None
-  params, used = tc.gather_params(state, shapes, name_of, "f", fill=fill)
+  ignore = lambda name: name.endswith("position_ids")
+  params = tc.gather_params(state, shapes, name_of, "f", ignore, fill=fill)
   np.testing.assert_array_equal(params["proj"]["kernel"], weight.T)
   np.testing.assert_array_equal(params["proj"]["bias"], np.zeros(2))
-  assert used == {"proj.weight", "norm.weight"}  # a filled tensor is not "used"
   with pytest.raises(WeightsError, match=r"'f' lacks 1 tensor.*proj\.bias.*\(a hint\)"):
-    tc.gather_params(state, shapes, name_of, "f", hint=" (a hint)")
+    tc.gather_params(state, shapes, name_of, "f", ignore, hint=" (a hint)")
   with pytest.raises(WeightsError, match=r"'proj\.weight' in 'f' has shape \(3, 2\), "
                                          r"expected \(2, 3\)"):
-    tc.gather_params(dict(state, **{"proj.weight": weight.T}), shapes, name_of, "f", fill=fill)
+    tc.gather_params(dict(state, **{"proj.weight": weight.T}), shapes, name_of, "f", ignore,
+                     fill=fill)
+  # A tensor the config does not use is an error unless ignored; a filled path uses none.
+  with pytest.raises(WeightsError, match=r"1 unexpected tensor\(s\) for a toy.*proj\.bias"):
+    tc.gather_params(dict(state, **{"proj.bias": np.ones(5, np.float32)}), shapes,
+                     lambda path: "none" if path[-1] == "bias" else name_of(path), "f", ignore,
+                     fill=fill, model="a toy")
+  with pytest.raises(WeightsError, match="unexpected tensor.*ids.position_ids"):
+    tc.gather_params(state, shapes, name_of, "f", lambda name: False, fill=fill)

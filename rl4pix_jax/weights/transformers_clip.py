@@ -105,19 +105,22 @@ def vision_param_shapes(config: CLIPVisionConfig) -> Dict[Tuple[str, ...], tuple
 
 def gather_params(state: Mapping[str, np.ndarray], shapes: Mapping[Tuple[str, ...], tuple],
                   name_of: Callable[[Tuple[str, ...]], str], folder: str,
+                  ignore: Callable[[str], bool],
                   fill: Optional[Callable[[Tuple[str, ...], tuple], Optional[np.ndarray]]] = None,
-                  hint: str = "") -> Tuple[dict, set]:
-  """The Flax param tree for ``shapes`` from a transformers state dict; (params, names used).
+                  hint: str = "", model: str = "this model") -> dict:
+  """The Flax param tree for ``shapes`` from a transformers state dict, every tensor checked.
 
   Args:
     state: torch name -> array (torch layouts).
     shapes: Flax param path -> expected Flax shape.
     name_of: Flax path -> torch name.
     folder: named in errors.
+    ignore: torch names that may be in ``state`` without being used (e.g. position_ids).
     fill: for a path whose tensor is absent, an array to use instead (or None: missing).
     hint: appended to the missing-tensor error.
+    model: what the unexpected-tensor error says the tensors do not fit.
   Raises:
-    WeightsError: a tensor is missing or has the wrong shape.
+    WeightsError: a tensor is missing, has the wrong shape, or is unexpected.
   """
   flat, used, missing = {}, set(), []
   for path, expected in shapes.items():
@@ -139,16 +142,11 @@ def gather_params(state: Mapping[str, np.ndarray], shapes: Mapping[Tuple[str, ..
   if missing:
     raise WeightsError(f"{folder!r} lacks {len(missing)} tensor(s) the config needs, e.g. "
                        f"{missing[:5]}{hint}.")
-  return traverse_util.unflatten_dict(flat), used
-
-
-def _check_unexpected(state, used, folder: str, ignored_prefixes=()):
-  unexpected = sorted(
-      k for k in state
-      if k not in used and not _IGNORED.search(k) and not k.startswith(tuple(ignored_prefixes)))
+  unexpected = sorted(k for k in state if k not in used and not ignore(k))
   if unexpected:
-    raise WeightsError(f"{folder!r} has {len(unexpected)} unexpected tensor(s) for this model, "
+    raise WeightsError(f"{folder!r} has {len(unexpected)} unexpected tensor(s) for {model}, "
                        f"e.g. {unexpected[:5]}.")
+  return traverse_util.unflatten_dict(flat)
 
 
 def _tower_prefix(state: Mapping[str, np.ndarray], prefix: str) -> str:
@@ -185,8 +183,8 @@ def _load_tower(folder: str, want: str, config=None, state=None):
     prefix = _tower_prefix(state, VISION_PREFIX)
     shapes = vision_param_shapes(tower_config)
     other = (TEXT_PREFIX, "text_projection.") if is_clip_model else ()
-  params, used = gather_params(state, shapes, lambda path: _torch_name(path, prefix), folder)
-  _check_unexpected(state, used, folder, other)
+  params = gather_params(state, shapes, lambda path: _torch_name(path, prefix), folder,
+                         ignore=lambda name: bool(_IGNORED.search(name)) or name.startswith(other))
   return tower_config, params
 
 

@@ -112,15 +112,10 @@ def _convert(state: Mapping[str, np.ndarray], config: ViTConfig, folder: str) ->
       return np.zeros(expected, np.float32)
     return None
 
-  params, used = gather_params(state, vit_param_shapes(config),
-                               lambda path: torch_name(path, naming), folder,
-                               fill=zero_qkv_bias,
-                               hint=" (is it a transformers ViTModel folder?)")
-  unexpected = sorted(k for k in state if k not in used and not _IGNORED.search(k))
-  if unexpected:
-    raise WeightsError(f"{folder!r} has {len(unexpected)} unexpected tensor(s) for a ViTModel "
-                       f"with this config.json, e.g. {unexpected[:5]}.")
-  return params
+  return gather_params(state, vit_param_shapes(config), lambda path: torch_name(path, naming),
+                       folder, ignore=lambda name: bool(_IGNORED.search(name)),
+                       fill=zero_qkv_bias, hint=" (is it a transformers ViTModel folder?)",
+                       model="a ViTModel with this config.json")
 
 
 def load_vit(folder: str, layer_norm_eps: Optional[float] = None) -> Tuple[ViTConfig, dict]:
