@@ -26,13 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import configs
-from benchmarks.configs import BENCHMARK_CONFIGS
 from rl4pix_jax import ddim, ppo, sampling
 from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.weights import diffusers_models
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("config", "small", list(BENCHMARK_CONFIGS), "Model size.")
+flags.DEFINE_enum("config", "small", list(configs.BENCHMARK_CONFIGS), "Model size.")
 flags.DEFINE_list("batches", ["1", "3", "12"], "UNet batch sizes (forward, forward+backward).")
 flags.DEFINE_integer("edits", 4, "Edits per trajectory / PPO minibatch (the UNet sees 3x).")
 flags.DEFINE_integer("steps", 10, "DDIM steps T.")
@@ -165,7 +164,7 @@ class Bench:
   """Builds both models on one config and runs the cases."""
 
   def __init__(self, config_name: str):
-    self.spec = BENCHMARK_CONFIGS[config_name]
+    self.spec = configs.BENCHMARK_CONFIGS[config_name]
     self.config = unet_lib.UNetConfig.from_diffusers(self.spec["unet"])
     dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
     self.unet = unet_lib.UNet2DConditionModel(

@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import configs
-from benchmarks.configs import BENCHMARK_CONFIGS
 from rl4pix_jax import ddim, sampling
 from rl4pix_jax.models import unet as unet_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("config", "small", list(BENCHMARK_CONFIGS), "Model size.")
+flags.DEFINE_enum("config", "small", list(configs.BENCHMARK_CONFIGS), "Model size.")
 flags.DEFINE_integer("batch", 4, "Edits per trajectory batch (the UNet sees 3x this).")
 flags.DEFINE_integer("steps", 10, "DDIM steps T.")
 flags.DEFINE_integer("reps", 3, "Timed repetitions after the warm-up call.")
@@ -30,7 +29,7 @@ flags.DEFINE_integer("attention_query_chunk", None, "UNet chunked attention (uns
 
 
 def main(_):
-  spec = BENCHMARK_CONFIGS[FLAGS.config]
+  spec = configs.BENCHMARK_CONFIGS[FLAGS.config]
   config = unet_lib.UNetConfig.from_diffusers(spec["unet"])
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
   chunk = configs.attention_query_chunk(FLAGS.attention_query_chunk, jax.default_backend())

@@ -284,7 +284,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   # The UNet, the train state (its params and AdamW moments) and the frozen LoRA base are
   # placed by the sharding rules: large kernels split over 'fsdp', the rest replicated.
   base_key = jax.random.PRNGKey(config.seed)
-  replicate = lambda tree: parallel.shard_params(tree, jax.tree_util.tree_map(lambda _: replicated, tree))
+  replicate = lambda tree: parallel.shard_params(
+      tree, jax.tree_util.tree_map(lambda _: replicated, tree))
   rules = parallel.default_sharding_rules(
       int(config.mesh.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)))
   unet_shardings = parallel.param_shardings(setup.params.unet, mesh, rules)
