@@ -79,7 +79,16 @@ def hlo_flops(jitted, *args) -> Optional[float]:
   module reports no cost analysis, seen with jax 0.11.2). None if none is reported.
   """
   lowered = jitted.trace(*args).lower(lowering_platforms=("cpu",))
-  analysis = lowered.cost_analysis()
+  flops = _flops_of(lowered.cost_analysis())
+  if flops is None and jax.default_backend() == "cpu":
+    # Some jaxlib builds answer the pre-optimisation query with nothing; the compiled CPU
+    # program's analysis counts the same dots and convolutions (compiling is cheap here).
+    flops = _flops_of(lowered.compile().cost_analysis())
+  return flops
+
+
+def _flops_of(analysis) -> Optional[float]:
+  """The positive ``flops`` entry of an XLA cost analysis (dict, or list of dicts), or None."""
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   flops = (analysis or {}).get("flops")
