@@ -39,6 +39,7 @@ def tiny_config(steps: int = 2):
   for stage in ("vae", "clip", "unet"):
     getattr(c.pretrain, stage).update(steps=steps, batch_size=4, log_every=1,
                                       checkpoint_every=2)
+  c.pretrain.unet.update(train_examples=16, ema_decay=0.9, snr_gamma=5.0)
   return c
 
 
@@ -188,7 +189,8 @@ def test_editor_loss_decreases_on_a_fixed_batch(trained_workdir):
       unet, schedule, optimizer, editor_training.empty_prompt_states(
           encoders.text_model, encoders.text_params), encoders.scaling_factor,
       (0.05, 0.05, 0.05))
-  losses = loss_curve(step, params, optimizer.init(params), batch)
+  losses = loss_curve(step, params, editor_training.initial_train_state(params, optimizer),
+                      batch)
   assert losses[-1] < 0.9 * losses[0], losses
 
 

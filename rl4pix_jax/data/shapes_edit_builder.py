@@ -32,6 +32,17 @@ class ShapesEditConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
+def split_seed(seed: int, split: str) -> int:
+  """The ``shapes.make_example`` seed of ``split`` in the dataset with ``seed``: 3 seed + s.
+
+  Dataset seeds 0, 1, 2 ... thus never share a scene stream; example ``i`` of a split is
+  ``make_example(split_seed(seed, split), i)`` whatever the split's size.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+  return 3 * seed + SPLITS.index(split)
+
+
 def shapes_edit_config(resolution: int = 64, train_size: int = 2000,
                        validation_size: int = 200, test_size: int = 200,
                        seed: int = 0) -> ShapesEditConfig:
@@ -72,8 +83,8 @@ class ShapesEdit(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     config = self.builder_config
     sizes = (config.train_size, config.validation_size, config.test_size)
-    return {split: self._generate_examples(3 * config.seed + number, size)
-            for number, (split, size) in enumerate(zip(SPLITS, sizes)) if size > 0}
+    return {split: self._generate_examples(split_seed(config.seed, split), size)
+            for split, size in zip(SPLITS, sizes) if size > 0}
 
   def _generate_examples(self, split_seed: int, size: int):
     resolution = self.builder_config.resolution

@@ -11,8 +11,21 @@ one uniform draw u per example and rates t (text only), b (both), i (image only)
   t <= u < t+b   -> both dropped
   t+b <= u < t+b+i -> image latents zeroed
 
-so the text is dropped with rate t + b and the image with rate i + b. Loss: MSE to the noise.
-VAE and text encodings of the split are computed once (both models are frozen).
+so the text is dropped with rate t + b and the image with rate i + b. Loss: MSE to the
+training target (the noise for epsilon prediction), optionally weighted per example by
+min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"):
+``min(SNR(t), gamma) / SNR(t)`` for epsilon targets, ``/ (SNR(t) + 1)`` for v targets.
+
+Training examples: the first ``train_examples`` scenes of the train split's generator stream
+(``shapes.make_example(split_seed(seed, "train"), i)``; the first ``data.train_size`` of them
+are the tfds train split), rendered in memory: the generator is unlimited, so the editor sees
+far more scenes than the VAE and CLIP stages need. VAE and text encodings are computed once
+(both models are frozen; instructions repeat, so each distinct one is encoded once).
+
+Weights: an exponential moving average of the online weights (decay ``ema_decay``, warmed up
+as ``min(decay, (1 + n) / (10 + n))`` after n updates) is what the stage saves as its params
+and what edits, as InstructPix2Pix and SD sample from EMA weights; the online weights and
+AdamW moments live in the checkpoint's optimizer state, to resume.
 """
 
 from __future__ import annotations
@@ -25,9 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from tqdm import tqdm
 
 from rl4pix_jax import ddim
 from rl4pix_jax import tokenizer as tokenizer_lib
+from rl4pix_jax.data import shapes
+from rl4pix_jax.data import shapes_edit_builder
 from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.models import vae as vae_lib
 from rl4pix_jax.pretrain import clip_training
@@ -92,6 +108,94 @@ def encode_split(encoders: FrozenEncoders, arrays: Dict[str, np.ndarray]) -> Dic
                                      arrays["input_ids"])}
 
 
+def generated_train_examples(seed: int, count: int, resolution: int,
+                             chunk: int = 4096):
+  """The first ``count`` examples of the train split's scene stream, rendered in memory.
+
+  Yields chunks (dicts) of at most ``chunk`` examples: ``source``/``target`` (n, R, R, 3)
+  float32 in [-1, 1] (as ``data.loader`` decodes them) and ``instruction`` (list of str).
+  """
+  stream = shapes_edit_builder.split_seed(seed, "train")
+  for start in range(0, count, chunk):
+    examples = [shapes.make_example(stream, i, resolution)
+                for i in range(start, min(start + chunk, count))]
+    to_float = lambda key: np.stack([getattr(e, key) for e in examples]).astype(
+        np.float32) / 127.5 - 1.0
+    yield {"source": to_float("source"), "target": to_float("target"),
+           "instruction": [e.instruction for e in examples]}
+
+
+def encode_generated_examples(encoders: FrozenEncoders, seed: int, count: int,
+                              resolution: int) -> Dict[str, np.ndarray]:
+  """``generated_train_examples`` encoded for the UNet step.
+
+  Returns:
+    dict of arrays: ``target_mean``/``target_logvar``/``source_latents`` (N, h, w, c) float32
+    as ``encode_split``, ``text_index`` (N,) int32 rows of ``text_states`` (U, L, D) float32,
+    the hidden states of the U distinct instructions.
+  """
+  if count < 1:
+    raise ValueError(f"pretrain.unet.train_examples must be >= 1, got {count}.")
+  parts: Dict[str, list] = {"target_mean": [], "target_logvar": [], "source_latents": []}
+  instructions = []
+  for chunk in tqdm(generated_train_examples(seed, count, resolution),
+                    total=-(-count // 4096), desc="unet data"):
+    mean, logvar = vae_training.encode_in_batches(encoders.vae, encoders.vae_params,
+                                                  chunk["target"])
+    source, _ = vae_training.encode_in_batches(encoders.vae, encoders.vae_params,
+                                               chunk["source"])
+    parts["target_mean"].append(mean)
+    parts["target_logvar"].append(logvar)
+    parts["source_latents"].append(source)
+    instructions.extend(chunk["instruction"])
+  distinct, text_index = np.unique(np.asarray(instructions), return_inverse=True)
+  ids = tokenizer_lib.tokenize(tokenizer_lib.load_clip_tokenizer(), list(distinct))
+  encoded = {k: np.concatenate(v) for k, v in parts.items()}
+  encoded["text_index"] = text_index.astype(np.int32)
+  encoded["text_states"] = text_hidden_states(encoders.text_model, encoders.text_params, ids)
+  return encoded
+
+
+def example_batch(encoded: Dict[str, np.ndarray], indices: np.ndarray) -> Dict[str, np.ndarray]:
+  """Rows ``indices`` of ``encode_generated_examples``'s arrays, with ``text`` (B, L, D)."""
+  batch = {k: encoded[k][indices] for k in ("target_mean", "target_logvar", "source_latents")}
+  batch["text"] = encoded["text_states"][encoded["text_index"][indices]]
+  return batch
+
+
+def min_snr_weights(schedule: ddim.DDIMSchedule, timesteps: jax.Array,
+                    snr_gamma: float) -> jax.Array:
+  """(B,) float32 min-SNR-gamma loss weights of ``timesteps``; all ones when gamma <= 0.
+
+  SNR(t) = alpha_bar_t / (1 - alpha_bar_t). Epsilon targets get min(SNR, gamma) / SNR, v
+  targets min(SNR, gamma) / (SNR + 1): both equal the x0-space weight min(SNR, gamma).
+  """
+  if snr_gamma <= 0:
+    return jnp.ones(timesteps.shape, jnp.float32)
+  alpha = schedule.alphas_cumprod[timesteps]
+  snr = alpha / (1.0 - alpha)
+  clipped = jnp.minimum(snr, snr_gamma)
+  if schedule.prediction_type == "v_prediction":
+    return clipped / (snr + 1.0)
+  if schedule.prediction_type == "epsilon":
+    return clipped / snr
+  raise ValueError(f"min-SNR weighting supports epsilon and v_prediction targets, got "
+                   f"prediction_type={schedule.prediction_type!r}.")
+
+
+def ema_decay_at(decay: float, updates: jax.Array) -> jax.Array:
+  """The EMA decay after ``updates`` optimizer updates: min(decay, (1 + n) / (10 + n))."""
+  n = jnp.asarray(updates, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def initial_train_state(params, optimizer: optax.GradientTransformation) -> Dict[str, Any]:
+  """The stage's optimizer state: online weights (a copy of ``params``, which start the EMA;
+  the train step donates both), AdamW state, update count."""
+  return {"online": jax.tree.map(jnp.copy, params), "optimizer": optimizer.init(params),
+          "updates": jnp.zeros((), jnp.int32)}
+
+
 def conditioning_dropout_masks(key: jax.Array, batch: int, text_dropout: float,
                                image_dropout: float, both_dropout: float):
   """(drop_text, drop_image), each (B,) bool (rates and layout: see the module docstring)."""
@@ -129,21 +233,35 @@ def editor_batch_inputs(schedule: ddim.DDIMSchedule, batch: Dict[str, jax.Array]
   return editor_training_input(noisy, source), timesteps, text, target
 
 
-def make_editor_train_step(unet, schedule, optimizer, empty_states, scaling_factor, rates):
-  """Jitted ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``."""
+def make_editor_train_step(unet, schedule, optimizer, empty_states, scaling_factor, rates,
+                           ema_decay: float = 0.0, snr_gamma: float = 0.0):
+  """Jitted ``(ema_params, state, batch, key) -> (ema_params, state, metrics)``.
+
+  ``state`` is ``initial_train_state``'s dict; gradients are taken at ``state['online']``
+  and the returned ``ema_params`` are the moving average after the update (equal to the
+  online weights when ``ema_decay`` is 0). ``metrics``: ``loss`` (weighted, what is
+  minimised) and ``mse`` (unweighted).
+  """
   empty_states = jnp.asarray(empty_states)
 
-  def step(params, opt_state, batch, key):
+  def step(ema_params, state, batch, key):
     unet_input, timesteps, text, target = editor_batch_inputs(
         schedule, batch, empty_states, scaling_factor, key, rates)
+    weights = min_snr_weights(schedule, timesteps, snr_gamma)
 
     def loss_fn(p):
       prediction = unet.apply({"params": p}, unet_input, timesteps, text)
-      return jnp.mean((prediction - target) ** 2)
+      per_example = jnp.mean((prediction - target) ** 2, axis=(1, 2, 3))
+      return jnp.mean(weights * per_example), jnp.mean(per_example)
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss}
+    (loss, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["online"])
+    updates, opt_state = optimizer.update(grads, state["optimizer"], state["online"])
+    online = optax.apply_updates(state["online"], updates)
+    count = state["updates"] + 1
+    decay = ema_decay_at(ema_decay, count) if ema_decay > 0 else jnp.float32(0.0)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, online)
+    new_state = {"online": online, "optimizer": opt_state, "updates": count}
+    return ema_params, new_state, {"loss": loss, "mse": mse}
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -159,32 +277,33 @@ def train_editor(config, workdir: str) -> Dict[str, Any]:
   settings = config.pretrain.unet
   dataset_dir = data_lib.ensure_shapes_dataset(config, workdir)
   encoders = load_frozen_encoders(workdir)
-  train = data_lib.load_split(dataset_dir, "train", config.resolution)
-  encoded = encode_split(encoders, train.arrays)
+  count = int(settings["train_examples"])
+  print(f"unet: encoding {count} training scenes of the train split's stream", flush=True)
+  encoded = encode_generated_examples(encoders, config.seed, count, config.resolution)
   empty_states = empty_prompt_states(encoders.text_model, encoders.text_params)
   unet = make_unet(config.model.unet)
   side = encoded["source_latents"].shape[1]
   params = unet.init(jax.random.PRNGKey(config.seed + 3),
                      jnp.zeros((1, side, side, unet.config.in_channels)),
-                     jnp.zeros((1,), jnp.int32), jnp.asarray(encoded["text"][:1]))["params"]
+                     jnp.zeros((1,), jnp.int32), jnp.asarray(encoded["text_states"][:1]))["params"]
   optimizer = training_loop.stage_optimizer(settings, settings["steps"])
-  opt_state = optimizer.init(params)
+  state = initial_train_state(params, optimizer)
   scheduler_config = dict(config.model.scheduler)
   schedule = ddim.DDIMSchedule.from_config(scheduler_config)
   rates = (settings["text_dropout"], settings["image_dropout"], settings["both_dropout"])
   train_step = make_editor_train_step(unet, schedule, optimizer, empty_states,
-                                      encoders.scaling_factor, rates)
-  size = len(encoded["text"])
-  make_batch = lambda step: data_lib.take(encoded, data_lib.batch_indices(
-      config.seed, step, size, settings["batch_size"]))
+                                      encoders.scaling_factor, rates,
+                                      float(settings["ema_decay"]), float(settings["snr_gamma"]))
+  make_batch = lambda step: example_batch(encoded, data_lib.batch_indices(
+      config.seed, step, count, settings["batch_size"]))
   models = {"unet": unet.config.to_diffusers(), "scheduler": scheduler_config}
   metadata = {"dataset_dir": dataset_dir, "settings": dict(settings),
               "scaling_factor": encoders.scaling_factor}
-  params, opt_state, metrics, manager = training_loop.run_training(
-      workdir, stage, settings["steps"], params, opt_state, train_step, make_batch,
+  params, state, metrics, manager = training_loop.run_training(
+      workdir, stage, settings["steps"], params, state, train_step, make_batch,
       config.seed, settings["log_every"], settings["checkpoint_every"], models, metadata)
   metadata.update(final_metrics=metrics, wall_time_s=time.time() - started)
-  training_loop.finish_stage(manager, workdir, stage, settings["steps"], params, opt_state,
+  training_loop.finish_stage(manager, workdir, stage, settings["steps"], params, state,
                              models, metadata)
   print(f"unet: done, {metadata['wall_time_s']:.0f} s")
   return ckpt.read_model_config(workdir, stage)
