@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import configs
-from rl4pix_jax import ddim, sampling
+from rl4pix_jax.diffusion import ddim
+from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.models import unet as unet_lib
 
 FLAGS = flags.FLAGS

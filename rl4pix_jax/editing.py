@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rl4pix_jax import pipeline, sampling
+from rl4pix_jax import pipeline
+from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.tokenizer import find_token_positions, tokenize
 
 ImageLike = Union[Image.Image, np.ndarray]

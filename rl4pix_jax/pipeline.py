@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rl4pix_jax import ddim
+from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from rl4pix_jax.models.unet import UNet2DConditionModel, UNetConfig
 from rl4pix_jax.models.vae import AutoencoderKL, VAEConfig, latent_mode

@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rl4pix_jax import ddim, lora, parallel, sampling
+from rl4pix_jax import lora, parallel
+from rl4pix_jax.diffusion import ddim
+from rl4pix_jax.diffusion import sampling
 
 Params = Any
 TRAINABLE_SETS = ("full", "lora")

@@ -28,7 +28,8 @@ from PIL import Image
 import tqdm
 
 from rl4pix_jax import advantages as advantages_lib
-from rl4pix_jax import checkpointing, parallel, pipeline, ppo, sampling, visualize
+from rl4pix_jax import checkpointing, parallel, pipeline, ppo, visualize
+from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.rewards import RewardInputs, make_reward_fn
 from rl4pix_jax.rewards.reference import reference_attention_maps
 from rl4pix_jax.tokenizer import tokenize

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import configs, run, torch_reference
-from rl4pix_jax import ddim
+from rl4pix_jax.diffusion import ddim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,7 @@ def test_tiny_trace_only_lowers_every_case():
 
 
 def test_torch_log_prob_matches_ours():
-  """The PyTorch reference's DDPO log-prob equals rl4pix_jax.ddim.ddim_step's re-score."""
+  """The PyTorch reference's DDPO log-prob equals rl4pix_jax.diffusion.ddim.ddim_step's re-score."""
   steps = 10
   config = ddim.default_scheduler_config()
   scheduler = torch_reference.make_scheduler(config, steps)

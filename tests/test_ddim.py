@@ -5,7 +5,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from rl4pix_jax import ddim
+from rl4pix_jax.diffusion import ddim
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from PIL import Image
 
-from rl4pix_jax import editing, pipeline, sampling
+from rl4pix_jax import editing, pipeline
+from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.tokenizer import tokenize
 from tests import tiny_models
 

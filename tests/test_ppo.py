@@ -18,7 +18,9 @@ import optax
 import pytest
 from flax import traverse_util
 
-from rl4pix_jax import ddim, lora, ppo, sampling
+from rl4pix_jax import lora, ppo
+from rl4pix_jax.diffusion import ddim
+from rl4pix_jax.diffusion import sampling
 from tests import tiny_models
 
 B, T, SIDE = 2, 3, 16
@@ -319,7 +321,9 @@ EIGHT_DEVICE_SCRIPT = """
 import sys, numpy as np, jax, jax.numpy as jnp
 from flax import traverse_util
 sys.path.insert(0, {root!r})
-from rl4pix_jax import ddim, parallel, ppo, sampling
+from rl4pix_jax import parallel, ppo
+from rl4pix_jax.diffusion import ddim
+from rl4pix_jax.diffusion import sampling
 from tests import tiny_models, test_ppo as tp
 assert jax.device_count() == 8, jax.devices()
 data = np.load({inputs!r})

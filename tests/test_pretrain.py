@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import shapes as shapes_config
-from rl4pix_jax import ddim
+from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.data import shapes_check
 from rl4pix_jax.pretrain import clip_training
 from rl4pix_jax.pretrain import data as data_lib

@@ -14,7 +14,9 @@ import torch
 import transformers
 
 from configs import shapes as shapes_config
-from rl4pix_jax import ddim, rewards, sampling
+from rl4pix_jax import rewards
+from rl4pix_jax.diffusion import ddim
+from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.models import clip
 from rl4pix_jax.weights import transformers_clip
 from tests import tiny_models

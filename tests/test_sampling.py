@@ -9,7 +9,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from rl4pix_jax import ddim, sampling
+from rl4pix_jax.diffusion import ddim
+from rl4pix_jax.diffusion import sampling
 from tests import tiny_models
 
 B, SIDE, T = 2, 16, 3
@@ -126,7 +127,8 @@ EIGHT_DEVICE_SCRIPT = """
 import sys, numpy as np, jax
 from jax.sharding import Mesh
 sys.path.insert(0, {root!r})
-from rl4pix_jax import ddim, sampling
+from rl4pix_jax.diffusion import ddim
+from rl4pix_jax.diffusion import sampling
 from tests import tiny_models, test_sampling as ts
 assert jax.device_count() == 8, jax.devices()
 mesh = Mesh(np.array(jax.devices()).reshape(8, 1), ("data", "fsdp"))

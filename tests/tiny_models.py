@@ -41,7 +41,7 @@ def save_tiny_diffusers_pipeline(folder: str, seed: int = 0) -> None:
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
 
-  from rl4pix_jax import ddim  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.diffusion import ddim  # pylint: disable=import-outside-toplevel
   from rl4pix_jax.tokenizer import load_clip_tokenizer  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(seed)

@@ -40,7 +40,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from rl4pix_jax import ddim
+from rl4pix_jax.diffusion import ddim
 from rl4pix_jax import tokenizer as tokenizer_lib
 from rl4pix_jax.data import shapes
 from rl4pix_jax.data import shapes_edit_builder

@@ -26,7 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rl4pix_jax import ddim, sampling
+from rl4pix_jax.diffusion import ddim
+from rl4pix_jax.diffusion import sampling
 
 
 def reference_attention_maps(

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from rl4pix_jax import ddim, parallel
+from rl4pix_jax import parallel
+from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.models import unet as unet_lib
 
 Params = Any
