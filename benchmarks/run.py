@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import configs
-from rl4pix_jax import ppo
+from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.models import unet as unet_lib

@@ -71,7 +71,8 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  from rl4pix_jax import run_loading, visualize  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax import visualize  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.rl import run_loading  # pylint: disable=import-outside-toplevel
   if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
     return _fail("pass exactly one of --workdir=<run folder> or --pretrained=<diffusers "
                  "folder or hub id>.")

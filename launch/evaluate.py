@@ -91,7 +91,9 @@ def main(argv):  # pylint: disable=too-many-locals,too-many-return-statements,to
   # pylint: disable=import-outside-toplevel
   import functools
 
-  from rl4pix_jax import evaluation, run_loading, run_setup
+  from rl4pix_jax import evaluation
+  from rl4pix_jax.rl import run_loading
+  from rl4pix_jax.rl import run_setup
   from rl4pix_jax.data import loader
   from rl4pix_jax.metrics import image_metrics, shapes_metrics
   if bool(FLAGS.workdir) == bool(FLAGS.pretrained):

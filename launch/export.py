@@ -21,7 +21,8 @@ flags.DEFINE_bool("no_rl", False, "Export the run's starting editor (no RL check
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from rl4pix_jax import export, run_loading  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax import export  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.rl import run_loading  # pylint: disable=import-outside-toplevel
   from rl4pix_jax.weights import folders  # pylint: disable=import-outside-toplevel
   try:
     config = run_loading.read_run_config(FLAGS.workdir)

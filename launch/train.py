@@ -29,7 +29,8 @@ def main(argv):
   info = parallel.maybe_initialize_distributed()
   logging.info("Process %d of %d.", info.process_index, info.process_count)
   # Imported after jax.distributed is initialised, as JAX requires.
-  from rl4pix_jax import run_setup, trainer  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.rl import run_setup  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.rl import trainer  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
   setup = run_setup.rl_setup_from_config(config, FLAGS.workdir)
   iterator = run_setup.make_train_iterator(config, FLAGS.workdir, setup.tokenizer)

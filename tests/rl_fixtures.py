@@ -10,7 +10,7 @@ from rl4pix_jax.models.clip import CLIPTextConfig, CLIPVisionConfig, CLIPVisionM
 from rl4pix_jax.models.unet import UNetConfig
 from rl4pix_jax.models.vae import VAEConfig
 from rl4pix_jax.tokenizer import load_clip_tokenizer
-from rl4pix_jax.trainer import RLSetup
+from rl4pix_jax.rl.trainer import RLSetup
 from tests import tiny_models
 
 RESOLUTION = 32
@@ -76,7 +76,7 @@ def run_in_subprocess_main(argv):
   import os  # pylint: disable=import-outside-toplevel
   import signal  # pylint: disable=import-outside-toplevel
 
-  from rl4pix_jax import trainer  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.rl import trainer  # pylint: disable=import-outside-toplevel
 
   workdir, epochs = argv[1], int(argv[2])
   action, at = (argv[3].split("@") + [None])[:2] if len(argv) > 3 else (None, None)

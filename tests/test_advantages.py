@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from rl4pix_jax import advantages
+from rl4pix_jax.rl import advantages
 
 EPS = advantages.STD_EPSILON
 

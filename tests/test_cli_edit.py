@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rl4pix_jax import run_loading
+from rl4pix_jax.rl import run_loading
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from launch import prepare_data
-from rl4pix_jax import evaluation, run_loading
+from rl4pix_jax import evaluation
+from rl4pix_jax.rl import run_loading
 from rl4pix_jax.data import loader
 from rl4pix_jax.metrics import image_metrics
 from rl4pix_jax.tokenizer import load_clip_tokenizer

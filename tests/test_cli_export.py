@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rl4pix_jax import editing, export, run_loading
+from rl4pix_jax import editing, export
+from rl4pix_jax.rl import run_loading
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.models.clip import CLIPTextConfig
 from rl4pix_jax.tokenizer import tokenize

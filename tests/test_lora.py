@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl4pix_jax import lora
+from rl4pix_jax.rl import lora
 from rl4pix_jax.models import layers
 from tests import tiny_models
 

@@ -18,7 +18,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from rl4pix_jax import lora, ppo
+from rl4pix_jax.rl import lora
+from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
 from tests import tiny_models
@@ -321,7 +322,8 @@ EIGHT_DEVICE_SCRIPT = """
 import sys, numpy as np, jax, jax.numpy as jnp
 from flax import traverse_util
 sys.path.insert(0, {root!r})
-from rl4pix_jax import parallel, ppo
+from rl4pix_jax import parallel
+from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
 from tests import tiny_models, test_ppo as tp

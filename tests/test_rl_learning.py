@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from configs import shapes as shapes_config
-from rl4pix_jax import run_setup, trainer
+from rl4pix_jax.rl import run_setup
+from rl4pix_jax.rl import trainer
 from rl4pix_jax.pretrain import shipped
 
 

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from configs import shapes as shapes_config
-from rl4pix_jax import run_setup
+from rl4pix_jax.rl import run_setup
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

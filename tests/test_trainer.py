@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl4pix_jax import checkpointing, ppo, trainer
+from rl4pix_jax import checkpointing
+from rl4pix_jax.rl import ppo
+from rl4pix_jax.rl import trainer
 from rl4pix_jax.data import loader
 from rl4pix_jax.rewards import RewardInputs, make_reward_fn
 from tests import rl_fixtures

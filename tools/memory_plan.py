@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.configs import BENCHMARK_CONFIGS
-from rl4pix_jax import ppo
+from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.models import unet as unet_lib

@@ -15,7 +15,8 @@ from typing import Optional
 import ml_collections
 from absl import logging
 
-from rl4pix_jax import checkpointing, editing, pipeline, trainer
+from rl4pix_jax import checkpointing, editing, pipeline
+from rl4pix_jax.rl import trainer
 
 CONFIG_NAME = "config.json"
 
@@ -88,7 +89,7 @@ def load_run(workdir: str, step: Optional[int] = None,
   if use_rl and not epochs:
     raise RunLoadingError(f"No RL checkpoint in {checkpoints!r}; train with `python -m "
                           f"launch.train --workdir={workdir}` or pass --no_rl.")
-  from rl4pix_jax import run_setup  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.rl import run_setup  # pylint: disable=import-outside-toplevel
   setup = run_setup.rl_setup_from_config(config, workdir)
   params, epoch = setup.params, None
   if use_rl is False:

@@ -27,8 +27,9 @@ import numpy as np
 from PIL import Image
 import tqdm
 
-from rl4pix_jax import advantages as advantages_lib
-from rl4pix_jax import checkpointing, parallel, pipeline, ppo, visualize
+from rl4pix_jax.rl import advantages as advantages_lib
+from rl4pix_jax import checkpointing, parallel, pipeline, visualize
+from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.rewards import RewardInputs, make_reward_fn
 from rl4pix_jax.rewards.reference import reference_attention_maps

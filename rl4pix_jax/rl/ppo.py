@@ -9,7 +9,7 @@ update. Log-probs are DDPO's per-dimension mean (see ``ddim``), so ``clip_range`
 DDPO) is in that unit.
 
 Trainable sets: ``"full"`` trains every UNet parameter; ``"lora"`` trains only LoRA adapters
-on the attention projections (``rl4pix_jax.lora``), merged into the frozen UNet inside the
+on the attention projections (``rl4pix_jax.rl.lora``), merged into the frozen UNet inside the
 step, and the frozen UNet gets no optimizer state.
 
 Pathwise attention gradient (``attention_pathwise_weight`` > 0): the attention-map reward
@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rl4pix_jax import lora, parallel
+from rl4pix_jax import parallel
+from rl4pix_jax.rl import lora
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
 

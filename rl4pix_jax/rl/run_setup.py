@@ -23,7 +23,7 @@ from rl4pix_jax.models.clip import CLIPTextModel, CLIPVisionModel
 from rl4pix_jax.models.unet import UNetConfig
 from rl4pix_jax.models.vae import VAEConfig
 from rl4pix_jax.tokenizer import load_clip_tokenizer
-from rl4pix_jax.trainer import RLSetup, samples_per_prompt
+from rl4pix_jax.rl.trainer import RLSetup, samples_per_prompt
 from rl4pix_jax.weights import folders, transformers_clip
 
 

@@ -1,0 +1,10 @@
+"""The RL stage: a run's starting point, PPO on denoising trajectories, the epoch loop.
+
+Modules:
+  run_setup    what a run starts from: models, params, tokenizer, reward CLIP, data iterator
+  advantages   per-prompt reward statistics (host ring buffers) -> normalised advantages
+  lora         LoRA adapters on the UNet's attention projections
+  ppo          train state, the jitted PPO step (one scan over timesteps per minibatch)
+  trainer      the epoch loop: sample -> reward -> advantages -> PPO -> log -> checkpoint
+  run_loading  restoring a run's editor (config.json + starting point + RL policy)
+"""
