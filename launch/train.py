@@ -13,7 +13,7 @@ environment (see docs/scaling_out.md).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rl4pix_jax import parallel
+from rl4pix_jax import distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Run config (ml_collections).",
@@ -26,7 +26,7 @@ flags.DEFINE_integer("stop_after_epochs", None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  info = parallel.maybe_initialize_distributed()
+  info = distributed.maybe_initialize_distributed()
   logging.info("Process %d of %d.", info.process_index, info.process_count)
   # Imported after jax.distributed is initialised, as JAX requires.
   from rl4pix_jax.rl import run_setup  # pylint: disable=import-outside-toplevel

@@ -87,10 +87,10 @@ def worker_main(argv):
   shardings at the checkpoint) in WORKDIR.
   """
   workdir, overrides, shards = argv[1], json.loads(argv[2]), int(argv[3])
-  from rl4pix_jax import parallel  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax import distributed  # pylint: disable=import-outside-toplevel
   if len(argv) > 4:
     num_processes, process_id, port = map(int, argv[4:7])
-    parallel.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
+    distributed.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
   import jax  # pylint: disable=import-outside-toplevel
   from rl4pix_jax import checkpointing  # pylint: disable=import-outside-toplevel
   from rl4pix_jax.rl import trainer  # pylint: disable=import-outside-toplevel

@@ -9,7 +9,7 @@
 #   logs     stream the training log of worker LOG_WORKER (Ctrl-C stops following, not training)
 #   stop     stop the training process on all workers (the pid written by `train`)
 #   delete   delete the TPU VM (asks gcloud to confirm unless QUIET=1)
-# Every worker runs the same command; rl4pix_jax.parallel.maybe_initialize_distributed() finds
+# Every worker runs the same command; rl4pix_jax.distributed.maybe_initialize_distributed() finds
 # the other workers from the TPU metadata and calls jax.distributed.initialize().
 #
 # Variables (environment; default in brackets):
