@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.configs import BENCHMARK_CONFIGS
-from rl4pix_jax.models import layers
+from rl4pix_jax.models import attention_ops, layers
 from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.weights import diffusers_models
 
@@ -173,8 +173,8 @@ def layer_cases(setup: Setup):
 
   def attention_case(name, keys, values):
     jq, jk, jv = (jnp.asarray(a) for a in (q, keys, values))
-    fused = jax.jit(lambda q, k, v: layers.fused_attention(q, k, v, heads))
-    chunked = jax.jit(lambda q, k, v: layers.chunked_attention(q, k, v, heads, 32))
+    fused = jax.jit(lambda q, k, v: attention_ops.fused_attention(q, k, v, heads))
+    chunked = jax.jit(lambda q, k, v: attention_ops.chunked_attention(q, k, v, heads, 32))
     ours = {"fused (jax.nn.dot_product_attention)": lambda: fused(jq, jk, jv).block_until_ready(),
             "chunked, 32 queries/block": lambda: chunked(jq, jk, jv).block_until_ready()}
     torch_fn = None

@@ -1,7 +1,7 @@
 """The chunked (memory-efficient) attention option: same function as the fused path.
 
-``layers.chunked_attention`` and ``UNet2DConditionModel(attention_query_chunk=...)`` against
-``layers.fused_attention`` (values and gradients) and against diffusers PyTorch. No timing
+``attention_ops.chunked_attention`` and ``UNet2DConditionModel(attention_query_chunk=...)`` against
+``attention_ops.fused_attention`` (values and gradients) and against diffusers PyTorch. No timing
 here: the speed figures are in benchmarks/README.md ("Profile"), from benchmarks/profile_unet.py.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 from configs import shapes as shapes_config
 from rl4pix_jax import pipeline
-from rl4pix_jax.models import layers
+from rl4pix_jax.models import attention_ops, layers
 from rl4pix_jax.models.clip import CLIPTextConfig
 from rl4pix_jax.models.unet import UNet2DConditionModel, UNetConfig, collect_attention_maps
 from rl4pix_jax.models.vae import VAEConfig
@@ -42,8 +42,8 @@ CASES = [(64, 64, 4, 16), (50, 50, 2, 16), (20, 20, 4, 32), (48, 7, 4, 16), (33,
 @pytest.mark.parametrize("queries,keys,heads,chunk", CASES)
 def test_chunked_matches_fused_values_and_gradients(queries, keys, heads, chunk):
   q, k, v = _qkv(queries + keys, queries, keys, 8 * heads)
-  chunked = lambda q, k, v: layers.chunked_attention(q, k, v, heads, chunk)
-  fused = lambda q, k, v: layers.fused_attention(q, k, v, heads)
+  chunked = lambda q, k, v: attention_ops.chunked_attention(q, k, v, heads, chunk)
+  fused = lambda q, k, v: attention_ops.fused_attention(q, k, v, heads)
   out = jax.jit(chunked)(q, k, v)
   ref = fused(q, k, v)
   assert out.shape == ref.shape and out.dtype == jnp.float32
@@ -59,12 +59,12 @@ def test_chunked_matches_fused_values_and_gradients(queries, keys, heads, chunk)
 
 def test_chunked_upcast_and_bfloat16():
   q, k, v = _qkv(3, 40, 40, 16, jnp.bfloat16)
-  ref = layers.fused_attention(*(t.astype(jnp.float32) for t in (q, k, v)), heads=2)
+  ref = attention_ops.fused_attention(*(t.astype(jnp.float32) for t in (q, k, v)), heads=2)
   for upcast in (False, True):
-    out = jax.jit(lambda q, k, v, u=upcast: layers.chunked_attention(q, k, v, 2, 16, u))(q, k, v)
+    out = jax.jit(lambda q, k, v, u=upcast: attention_ops.chunked_attention(q, k, v, 2, 16, u))(q, k, v)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
-  grads = jax.grad(lambda q: jnp.sum(layers.chunked_attention(q, k, v, 2, 16).astype(
+  grads = jax.grad(lambda q: jnp.sum(attention_ops.chunked_attention(q, k, v, 2, 16).astype(
       jnp.float32)))(q)
   assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads)))
 
@@ -87,7 +87,7 @@ def test_chunked_attention_gradient_runs_only_two_dimensional_matmuls():
   (batch, head) matrices were 2-3x slower (benchmarks/README.md, "Profile").
   """
   q, k, v = _qkv(5, 40, 24, 16)
-  loss = lambda q, k, v: jnp.sum(layers.chunked_attention(q, k, v, 4, 16) ** 2)
+  loss = lambda q, k, v: jnp.sum(attention_ops.chunked_attention(q, k, v, 4, 16) ** 2)
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
   dots = re.findall(r"= f32\[[^\]]*\][^=]* dot\((.*)", hlo)
   assert dots, "no dot in the compiled gradient"
@@ -178,7 +178,7 @@ def test_benchmark_cli_flag():
 
 
 def test_cudnn_request_falls_back_to_xla_where_cudnn_refuses():
-  pick = layers.attention_implementation_for
+  pick = attention_ops.attention_implementation_for
   assert pick("cudnn", 4096, jnp.bfloat16) == "cudnn"
   assert pick("cudnn", 77, jnp.bfloat16) == "xla"  # CLIP's odd token count
   assert pick("cudnn", 64, jnp.float32) == "xla"  # cuDNN takes half precision only
@@ -188,5 +188,5 @@ def test_cudnn_request_falls_back_to_xla_where_cudnn_refuses():
   q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key, shape in zip(
       jax.random.split(jax.random.PRNGKey(3), 3), [(1, 16, 8), (1, 77, 8), (1, 77, 8)]))
   np.testing.assert_array_equal(
-      np.asarray(layers.fused_attention(q, k, v, 2, implementation="cudnn"), np.float32),
-      np.asarray(layers.fused_attention(q, k, v, 2), np.float32))
+      np.asarray(attention_ops.fused_attention(q, k, v, 2, implementation="cudnn"), np.float32),
+      np.asarray(attention_ops.fused_attention(q, k, v, 2), np.float32))

@@ -1,4 +1,4 @@
-"""layers.canonical_conv: same values and gradients as autodiff of lax.conv_general_dilated,
+"""conv_ops.canonical_conv: same values and gradients as autodiff of lax.conv_general_dilated,
 and a backward pass whose convolutions all have the canonical NHWC/HWIO/NHWC form inside a
 ``lax.scan`` (what makes the PPO step fast on XLA's CPU backend). No timing here."""
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl4pix_jax.models import layers
+from rl4pix_jax.models import conv_ops, layers
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -32,11 +32,11 @@ def test_values_and_gradients_match_autodiff(size, kernel, stride, padding, chan
   x = jax.random.normal(kx, (2, size, size + 1, cin))
   w = jax.random.normal(kw, (kernel, kernel, cin, cout))
   strides = (stride, stride)
-  ours = layers.canonical_conv(x, w, strides, padding)
+  ours = conv_ops.canonical_conv(x, w, strides, padding)
   ref = _reference(x, w, strides, padding)
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
   cotangent = jax.random.normal(kd, ref.shape)
-  grads = jax.grad(lambda x, w: jnp.sum(layers.canonical_conv(x, w, strides, padding)
+  grads = jax.grad(lambda x, w: jnp.sum(conv_ops.canonical_conv(x, w, strides, padding)
                                         * cotangent), (0, 1))(x, w)
   want = jax.grad(lambda x, w: jnp.sum(_reference(x, w, strides, padding) * cotangent),
                   (0, 1))(x, w)
@@ -49,7 +49,7 @@ def test_bfloat16_gradients_keep_dtype_and_match():
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 8), jnp.bfloat16)
   pad = ((1, 1), (1, 1))
   loss = lambda f: lambda x, w: jnp.sum(f(x, w, (1, 1), pad).astype(jnp.float32) ** 2)
-  grads = jax.grad(loss(layers.canonical_conv), (0, 1))(x, w)
+  grads = jax.grad(loss(conv_ops.canonical_conv), (0, 1))(x, w)
   want = jax.grad(loss(_reference), (0, 1))(x, w)
   for got, expected in zip(grads, want):
     assert got.dtype == jnp.bfloat16
@@ -62,14 +62,14 @@ def test_general_signature_falls_back_for_other_convolutions():
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8, 4))
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))  # 2 groups
   dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, DIMS)
-  grouped = layers.canonical_conv_general_dilated(x, w, (1, 1), "SAME",
+  grouped = conv_ops.canonical_conv_general_dilated(x, w, (1, 1), "SAME",
                                                   dimension_numbers=dims,
                                                   feature_group_count=2)
   np.testing.assert_allclose(grouped, jax.lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=dims, feature_group_count=2), rtol=1e-6)
   plain_w = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 5))
   dims = jax.lax.conv_dimension_numbers(x.shape, plain_w.shape, DIMS)
-  jaxpr = str(jax.make_jaxpr(lambda x: layers.canonical_conv_general_dilated(
+  jaxpr = str(jax.make_jaxpr(lambda x: conv_ops.canonical_conv_general_dilated(
       x, plain_w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims))(x))
   assert "custom_vjp" in jaxpr
 
@@ -105,5 +105,5 @@ def test_backward_convolutions_inside_a_scan_are_canonical():
         lowering_platforms=("cpu",)).compile().as_text()
     return set(re.findall(r"dim_labels=([\w>-]+)", text))
 
-  assert labels(layers.canonical_conv) == {"b01f_01io->b01f"}
+  assert labels(conv_ops.canonical_conv) == {"b01f_01io->b01f"}
   assert labels(_reference) != {"b01f_01io->b01f"}  # the case this layer exists for

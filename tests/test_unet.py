@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding
 
-from rl4pix_jax.models import layers
+from rl4pix_jax.models import attention_ops, layers
 from rl4pix_jax.models.unet import UNet2DConditionModel, UNetConfig, collect_attention_maps
 from rl4pix_jax.weights.diffusers_models import load_unet
 
@@ -331,11 +331,11 @@ def test_remat_keeps_attention_capture(tiny, captured):
 def test_attention_helpers_agree():
   rng = np.random.RandomState(9)
   q, k, v = (jnp.asarray(rng.randn(2, n, 12).astype(np.float32)) for n in (6, 5, 5))
-  out, probs = layers.explicit_attention(q, k, v, heads=3)
+  out, probs = attention_ops.explicit_attention(q, k, v, heads=3)
   assert out.shape == (2, 6, 12) and probs.shape == (2, 3, 6, 5)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
-  np.testing.assert_allclose(out, layers.fused_attention(q, k, v, heads=3), atol=1e-5)
-  np.testing.assert_allclose(out, layers.fused_attention(q, k, v, heads=3, upcast=True),
+  np.testing.assert_allclose(out, attention_ops.fused_attention(q, k, v, heads=3), atol=1e-5)
+  np.testing.assert_allclose(out, attention_ops.fused_attention(q, k, v, heads=3, upcast=True),
                              atol=1e-5)
 
 
@@ -344,12 +344,12 @@ def test_token_attention_maps_selects_masks_and_averages_heads():
   probs = rng.rand(2, 3, 6, 5).astype(np.float32)  # (B, heads, N = 2 x 3, L)
   index = np.array([[4, 0], [1, 1]], np.int32)
   mask = np.array([[True, False], [True, True]])
-  maps = np.asarray(layers.token_attention_maps(jnp.asarray(probs), jnp.asarray(index),
+  maps = np.asarray(attention_ops.token_attention_maps(jnp.asarray(probs), jnp.asarray(index),
                                                 jnp.asarray(mask), (2, 3)))
   expected = np.stack([probs[b].mean(0)[:, index[b]] * mask[b] for b in range(2)])
   np.testing.assert_allclose(maps, expected.reshape(2, 2, 3, 2), atol=1e-7)
   with pytest.raises(ValueError, match="does not match 6 query positions"):
-    layers.token_attention_maps(jnp.asarray(probs), jnp.asarray(index), None, (3, 3))
+    attention_ops.token_attention_maps(jnp.asarray(probs), jnp.asarray(index), None, (3, 3))
 
 
 def test_unsupported_activation_is_named():

@@ -346,8 +346,9 @@ class UNet2DConditionModel(nn.Module):
     attention_implementation: ``jax.nn.dot_product_attention`` implementation for the fused
       path (None lets JAX choose; 'cudnn' for flash attention on GPU).
     attention_query_chunk: None (default): attention through
-      ``jax.nn.dot_product_attention``. An int (e.g. 512): ``layers.chunked_attention`` with
-      at most that many queries per block in every layer that does not capture maps; the
+      ``jax.nn.dot_product_attention``. An int (e.g. 512):
+      ``attention_ops.chunked_attention`` with at most that many queries per block in every
+      layer that does not capture maps; the
       same function up to float rounding, a CPU option: 2-3x faster there than the fused
       path for the 32x32 = 1024-token self-attention (benchmarks/README.md, "Profile").
   """
