@@ -7,7 +7,7 @@
 
 The stage comes from the config argument (``config.stage``) or ``--stage``. A stage whose final
 checkpoint exists is skipped; an interrupted one resumes. The workdir layout is documented in
-``rl4pix_jax/pretrain/stage_checkpoint.py``. ``--quick_check`` (unet) samples validation edits
+``rl4pix_jax/workdir/stages.py``. ``--quick_check`` (unet) samples validation edits
 and prints the success rate against the "return the source" baseline.
 """
 
@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from rl4pix_jax.pretrain import clip_training
 from rl4pix_jax.pretrain import editor_training
-from rl4pix_jax.pretrain import stage_checkpoint
+from rl4pix_jax.workdir import stages as stage_checkpoint
 from rl4pix_jax.pretrain import vae_training
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py:vae",

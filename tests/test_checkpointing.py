@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from rl4pix_jax import checkpointing
+from rl4pix_jax.workdir import checkpointer as checkpointing
 
 
 def _state(scale=1.0):

@@ -17,7 +17,7 @@ from rl4pix_jax.pretrain import data as data_lib
 from rl4pix_jax.pretrain import editor_check
 from rl4pix_jax.pretrain import editor_training
 from rl4pix_jax.pretrain import shipped
-from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
 from rl4pix_jax.pretrain import vae_training
 

@@ -92,7 +92,7 @@ def worker_main(argv):
     num_processes, process_id, port = map(int, argv[4:7])
     distributed.maybe_initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
   import jax  # pylint: disable=import-outside-toplevel
-  from rl4pix_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.workdir import checkpointer as checkpointing  # pylint: disable=import-outside-toplevel
   from rl4pix_jax.rl import trainer  # pylint: disable=import-outside-toplevel
   from rl4pix_jax.data import loader  # pylint: disable=import-outside-toplevel
   from tests import rl_fixtures  # pylint: disable=import-outside-toplevel
@@ -165,7 +165,7 @@ def _free_port():
 def _restore(workdir, overrides):
   """(state as numpy tree, host dict) of the latest checkpoint, restored in this process."""
   import jax  # pylint: disable=import-outside-toplevel
-  from rl4pix_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.workdir import checkpointer as checkpointing  # pylint: disable=import-outside-toplevel
   from rl4pix_jax.rl import ppo  # pylint: disable=import-outside-toplevel
   from tests import rl_fixtures  # pylint: disable=import-outside-toplevel
   config = rl_fixtures.tiny_rl_config(**overrides)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl4pix_jax import checkpointing
+from rl4pix_jax.workdir import checkpointer as checkpointing
 from rl4pix_jax.rl import ppo
 from rl4pix_jax.rl import trainer
 from rl4pix_jax.data import loader

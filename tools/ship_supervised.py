@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rl4pix_jax.pretrain import shipped
-from rl4pix_jax.pretrain import stage_checkpoint
+from rl4pix_jax.workdir import stages as stage_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py",
                                           "Config the run was trained with.")

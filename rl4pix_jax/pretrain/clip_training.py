@@ -19,7 +19,7 @@ from absl import logging
 
 from rl4pix_jax.models import clip as clip_lib
 from rl4pix_jax.pretrain import data as data_lib
-from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)

@@ -14,7 +14,7 @@ from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.data import shapes_check
 from rl4pix_jax.pretrain import data as data_lib
 from rl4pix_jax.pretrain import editor_training
-from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+from rl4pix_jax.workdir import stages as ckpt
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.models import vae as vae_lib
 from rl4pix_jax.pretrain import clip_training
 from rl4pix_jax.pretrain import data as data_lib
-from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
 from rl4pix_jax.pretrain import vae_training
 

@@ -3,7 +3,7 @@
 The embedded default's three supervised stages (VAE, CLIP, editor UNet) take longer to train on
 two CPU cores than the README's main job may last, so the repository ships their final params
 in ``checkpoints/shapes_supervised/<stage>/`` (same layout as a workdir stage, see
-``stage_checkpoint``, but params only: no optimizer state) and ``launch.run_default`` copies
+``workdir.stages``, but params only: no optimizer state) and ``launch.run_default`` copies
 them into the run's workdir. ``launch.run_default --supervised=train`` trains them instead, and
 ``python -m tools.ship_supervised --workdir=<that run>`` regenerates the shipped folder.
 
@@ -22,7 +22,7 @@ from typing import Any, Dict, List
 import ml_collections
 import orbax.checkpoint as ocp
 
-from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+from rl4pix_jax.workdir import stages as ckpt
 
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "checkpoints", "shapes_supervised")

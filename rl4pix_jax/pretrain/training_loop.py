@@ -13,7 +13,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+from rl4pix_jax.workdir import stages as ckpt
 
 
 def stage_optimizer(settings, num_steps: int) -> optax.GradientTransformation:
@@ -64,7 +64,7 @@ def run_training(workdir: str, stage: str, num_steps: int, params: Any, opt_stat
     make_batch: step -> batch (deterministic in the step, so resuming sees the same data).
     seed: the step key is ``fold_in(PRNGKey(seed), step)``.
     models, metadata: written to model_config.json at every checkpoint (see
-      ``stage_checkpoint.save_stage``); ``num_steps`` is added to metadata.
+      ``workdir.stages.save_stage``); ``num_steps`` is added to metadata.
   Returns:
     ``(params, opt_state, last_metrics)`` after the last step; the final checkpoint is
     written by the caller (``save_stage``) once stage-specific metadata is known.

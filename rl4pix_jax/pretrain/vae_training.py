@@ -19,7 +19,7 @@ from absl import logging
 from rl4pix_jax.data import shapes_check
 from rl4pix_jax.models import vae as vae_lib
 from rl4pix_jax.pretrain import data as data_lib
-from rl4pix_jax.pretrain import stage_checkpoint as ckpt
+from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
 
 

@@ -15,7 +15,8 @@ from typing import Optional
 import ml_collections
 from absl import logging
 
-from rl4pix_jax import checkpointing, editing, pipeline
+from rl4pix_jax import editing, pipeline
+from rl4pix_jax.workdir import checkpointer as checkpointing
 from rl4pix_jax.rl import trainer
 
 CONFIG_NAME = "config.json"

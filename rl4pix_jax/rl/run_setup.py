@@ -62,7 +62,8 @@ def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLS
     text_model, vision_model, clip_params = _reward_clip(config)
     return RLSetup(models, params, tokenizer, text_model, vision_model, clip_params)
   # pylint: disable=import-outside-toplevel
-  from rl4pix_jax.pretrain import clip_training, stage_checkpoint
+  from rl4pix_jax.pretrain import clip_training
+  from rl4pix_jax.workdir import stages as stage_checkpoint
   root = stages_dir(config, workdir)
   vae_params, vae_meta = stage_checkpoint.latest_stage_params(root, "vae")
   clip_params, clip_meta = stage_checkpoint.latest_stage_params(root, "clip")

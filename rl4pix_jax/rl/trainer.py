@@ -28,7 +28,8 @@ from PIL import Image
 import tqdm
 
 from rl4pix_jax.rl import advantages as advantages_lib
-from rl4pix_jax import checkpointing, parallel, pipeline, visualize
+from rl4pix_jax import parallel, pipeline, visualize
+from rl4pix_jax.workdir import checkpointer as checkpointing
 from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.rewards import RewardInputs, make_reward_fn
