@@ -72,7 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # palette's mean colour for its first ~600 steps, and no editor can beat its decoder: the
   # stage reports the "edit ceiling" (the shapes check of VAE(target) on validation).
   # unet dropout: text only / image only / both, as InstructPix2Pix trains (5% each).
-  # These three stages are what checkpoints/shapes_supervised/ ships (see README).
+  # These three stages are what assets/shapes_editor/ ships (see README).
   c.pretrain.vae = dict(steps=2000, batch_size=32, learning_rate=3e-3, warmup_steps=50,
                         final_lr_fraction=0.05, mse_weight=1.0, kl_weight=1e-6,
                         log_every=100, checkpoint_every=500)

@@ -21,14 +21,14 @@ from ml_collections import config_flags
 
 from rl4pix_jax.pretrain import clip_training
 from rl4pix_jax.pretrain import editor_training
-from rl4pix_jax.workdir import stages as stage_checkpoint
+from rl4pix_jax.workdir import layout
 from rl4pix_jax.pretrain import vae_training
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py:vae",
                                           "Config file and stage, e.g. configs/shapes.py:vae.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (stages write <workdir>/<stage>).",
                                required=True)
-_STAGE = flags.DEFINE_enum("stage", None, list(stage_checkpoint.STAGES),
+_STAGE = flags.DEFINE_enum("stage", None, list(layout.STAGES),
                            "Overrides the stage named in --config.")
 _QUICK_CHECK = flags.DEFINE_integer("quick_check", 0,
                                     "After the unet stage, edit this many validation examples "

@@ -6,7 +6,7 @@
         --config.pretrain.unet.steps=2 ...
 
 ``--supervised=shipped`` (the default) copies the supervised stages that the repository ships
-in ``checkpoints/shapes_supervised/`` (trained by ``--supervised=train`` with the default
+in ``assets/shapes_editor/`` (trained by ``--supervised=train`` with the default
 config; they are refused when the config differs in a field they depend on);
 ``--supervised=train`` trains them. Each stage is the project's own command run as a
 subprocess (the commands a user would run by hand, printed before they run), and each is
@@ -31,10 +31,10 @@ flags.DEFINE_string("config", "configs/shapes.py", "Config file (ml_collections)
 flags.DEFINE_integer("max_eval_examples", 200, "Held-out test examples to evaluate.")
 flags.DEFINE_bool("evaluate", True, "Evaluate the supervised and the RL editor at the end.")
 flags.DEFINE_enum("supervised", "shipped", ["shipped", "train"],
-                  "shipped: copy the repository's supervised stages (checkpoints/"
-                  "shapes_supervised); train: train VAE, CLIP and editor UNet here.")
+                  "shipped: copy the repository's supervised stages (assets/"
+                  "shapes_editor); train: train VAE, CLIP and editor UNet here.")
 flags.DEFINE_string("shipped_dir", None, "Folder of the shipped supervised stages "
-                    "(default: the repository's checkpoints/shapes_supervised).")
+                    "(default: the repository's assets/shapes_editor).")
 
 
 def config_overrides(argv: List[str]) -> List[str]:

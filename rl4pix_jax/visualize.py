@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -136,3 +136,16 @@ def metric_curves(series: Dict[str, Sequence[float]], steps: Optional[Sequence[f
   draw.text((left, height - bottom + 4), f"{x_lo:g}", fill=(0, 0, 0), font=font)
   draw.text((width - right - 30, height - bottom + 4), f"{x_hi:g}", fill=(0, 0, 0), font=font)
   return canvas
+
+
+def sample_grid(sources: np.ndarray, edits: np.ndarray, maps: np.ndarray,
+                instructions: List[str], epoch: int, limit: int = 8) -> Image.Image:
+  """PNG grid: source | edit | attention overlay on the edit, with the instruction."""
+  rows, captions = [], []
+  for i in range(min(limit, len(sources))):
+    source = np.round(sources[i] * 255).astype(np.uint8)
+    edit = np.round(edits[i] * 255).astype(np.uint8)
+    rows.append([source, edit, attention_overlay(edit, maps[i])])
+    captions.append(instructions[i])
+  return captioned_grid(rows, captions, ["source", "edit", "target-token attention"],
+                        title=f"epoch {epoch}")

@@ -17,6 +17,7 @@ from rl4pix_jax.pretrain import data as data_lib
 from rl4pix_jax.pretrain import editor_check
 from rl4pix_jax.pretrain import editor_training
 from rl4pix_jax.pretrain import shipped
+from rl4pix_jax.workdir import layout
 from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
 from rl4pix_jax.pretrain import vae_training
@@ -66,18 +67,18 @@ def trained_workdir(shared_data, tmp_path_factory):
 
 
 def metric_steps(workdir, stage):
-  with open(os.path.join(ckpt.stage_dir(workdir, stage), ckpt.METRICS_FILE)) as f:
+  with open(os.path.join(layout.stage_dir(workdir, stage), layout.METRICS_FILE)) as f:
     return [json.loads(line)["step"] for line in f]
 
 
 def test_each_stage_writes_checkpoint_and_model_config(trained_workdir):
   config, workdir = trained_workdir
-  for stage in ckpt.STAGES:
+  for stage in layout.STAGES:
     assert ckpt.stage_complete(workdir, stage)
     params, model_config = ckpt.latest_stage_params(workdir, stage)
     assert model_config["stage"] == stage and model_config["metadata"]["num_steps"] == 2
     assert jax.tree_util.tree_leaves(params)
-    assert os.path.exists(os.path.join(ckpt.stage_dir(workdir, stage), "2"))
+    assert os.path.exists(os.path.join(layout.stage_dir(workdir, stage), "2"))
   vae_config = ckpt.read_model_config(workdir, "vae")
   scaling = vae_config["models"]["vae"]["scaling_factor"]
   assert scaling == pytest.approx(1 / vae_config["metadata"]["latent_std"])
@@ -89,11 +90,11 @@ def test_each_stage_writes_checkpoint_and_model_config(trained_workdir):
 
 def test_rerun_skips_complete_stages(trained_workdir):
   config, workdir = trained_workdir
-  before = {stage: metric_steps(workdir, stage) for stage in ckpt.STAGES}
+  before = {stage: metric_steps(workdir, stage) for stage in layout.STAGES}
   vae_training.train_vae(config, workdir)
   clip_training.train_clip(config, workdir)
   editor_training.train_editor(config, workdir)
-  assert {stage: metric_steps(workdir, stage) for stage in ckpt.STAGES} == before
+  assert {stage: metric_steps(workdir, stage) for stage in layout.STAGES} == before
 
 
 def test_missing_stage_error_names_path_and_command(tmp_path):
@@ -328,11 +329,11 @@ def test_edit_ceiling_is_the_shapes_check_of_reconstructed_targets(trained_workd
 def test_shipped_stage_round_trip_and_refusals(trained_workdir, tmp_path):
   config, workdir = trained_workdir
   shelf = str(tmp_path / "shipped")
-  for stage in ckpt.STAGES:
+  for stage in layout.STAGES:
     folder = shipped.export_stage(workdir, stage, config, shelf)
     assert not os.path.exists(os.path.join(folder, "2", "opt_state"))  # params only
   fresh = str(tmp_path / "run")
-  for stage in ckpt.STAGES:
+  for stage in layout.STAGES:
     assert shipped.install_stage(shelf, fresh, stage, config)
     assert ckpt.stage_complete(fresh, stage)
     ours, _ = ckpt.latest_stage_params(fresh, stage)
@@ -340,9 +341,9 @@ def test_shipped_stage_round_trip_and_refusals(trained_workdir, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)
     assert not shipped.install_stage(shelf, fresh, stage, config)  # already complete
   # trained with the same config: the editor stage skips training in the new run
-  before = os.listdir(ckpt.stage_dir(fresh, "unet"))
+  before = os.listdir(layout.stage_dir(fresh, "unet"))
   editor_training.train_editor(config, fresh)
-  assert os.listdir(ckpt.stage_dir(fresh, "unet")) == before
+  assert os.listdir(layout.stage_dir(fresh, "unet")) == before
   other = tiny_config()
   other.data.data_dir = config.data.data_dir
   other.pretrain.unet.learning_rate = 0.5
@@ -365,8 +366,8 @@ def test_shipped_stage_round_trip_and_refusals(trained_workdir, tmp_path):
 def test_repository_ships_stages_of_the_default_config():
   """The shipped checkpoints match configs/shapes.py and the models it builds."""
   config = shapes_config.get_config()
-  for stage in ckpt.STAGES:
-    folder = ckpt.stage_dir(shipped.SHIPPED_DIR, stage)
+  for stage in layout.STAGES:
+    folder = layout.stage_dir(shipped.SHIPPED_DIR, stage)
     size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(folder) for n in ns)
     assert 0 < size <= 20 * 2**20, (stage, size)
     model_config = ckpt.read_model_config(shipped.SHIPPED_DIR, stage)

@@ -77,8 +77,8 @@ def test_run_default_with_the_shipped_stages(tmp_path):
   assert result.stdout.count("installed the shipped checkpoint") == 3
   assert result.stdout.count("skipping") >= 3  # the pretrain commands find them complete
   for stage in ("vae", "clip", "unet"):
-    shipped_config = json.load(open(os.path.join(ROOT, "checkpoints", "shapes_supervised",
-                                                 stage, "model_config.json")))
+    shipped_config = json.load(open(os.path.join(ROOT, "assets", "shapes_editor", stage,
+                                                 "model_config.json")))
     assert json.load(open(workdir / stage / "model_config.json")) == shipped_config
   report = json.load(open(workdir / "results.json", encoding="utf-8"))
   assert len(report["models"]) == 2 and len(report["example_ids"]) == 2

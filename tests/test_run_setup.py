@@ -10,6 +10,7 @@ import pytest
 
 from configs import shapes as shapes_config
 from rl4pix_jax.rl import run_setup
+from rl4pix_jax.workdir import layout
 from tests import tiny_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,12 +74,13 @@ def test_pretrained_setup_needs_a_reward_clip(pretrained):
 
 def test_stages_dir_and_data_dir_defaults():
   config = shapes_config.get_config()
-  assert run_setup.stages_dir(config, "/x/runs/shapes/rl") == "/x/runs/shapes"
-  assert run_setup.data_dir(config, "/x/runs/shapes/rl/") == "/x/runs/shapes/data"
+  assert layout.stages_dir(config, "/x/runs/shapes/rl") == "/x/runs/shapes"
+  assert (layout.data_dir(config, layout.stages_dir(config, "/x/runs/shapes/rl/"))
+          == "/x/runs/shapes/data")
   config.model.stages_dir = "/s"
   config.data.data_dir = "/d"
-  assert run_setup.stages_dir(config, "/x/rl") == "/s"
-  assert run_setup.data_dir(config, "/x/rl") == "/d"
+  assert layout.stages_dir(config, "/x/rl") == "/s"
+  assert layout.data_dir(config, layout.stages_dir(config, "/x/rl")) == "/d"
   config.data.dataset = "coco"
   with pytest.raises(ValueError, match="coco"):
     run_setup.prepare_dataset(config, "/x/rl")

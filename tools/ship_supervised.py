@@ -1,4 +1,4 @@
-"""Writes a run's supervised stages (params only) into checkpoints/shapes_supervised/.
+"""Writes a run's supervised stages (params only) into assets/shapes_editor/.
 
     python -m launch.run_default --workdir=runs/shapes --supervised=train
     python -m tools.ship_supervised --workdir=runs/shapes
@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rl4pix_jax.pretrain import shipped
-from rl4pix_jax.workdir import stages as stage_checkpoint
+from rl4pix_jax.workdir import layout
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py",
                                           "Config the run was trained with.")
@@ -32,7 +32,7 @@ def folder_size(path: str) -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  for stage in stage_checkpoint.STAGES:
+  for stage in layout.STAGES:
     folder = shipped.export_stage(_WORKDIR.value, stage, _CONFIG.value, _OUTPUT.value)
     print(f"{stage}: {folder} ({folder_size(folder) / 2**20:.1f} MiB)")
 

@@ -19,6 +19,7 @@ from absl import logging
 
 from rl4pix_jax.models import clip as clip_lib
 from rl4pix_jax.pretrain import data as data_lib
+from rl4pix_jax.workdir import layout
 from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
 
@@ -115,7 +116,7 @@ def train_clip(config, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes, or skips) the CLIP stage; returns its model_config.json dict."""
   stage = "clip"
   if ckpt.stage_complete(workdir, stage):
-    print(f"clip: complete in {ckpt.stage_dir(workdir, stage)}, skipping.")
+    print(f"clip: complete in {layout.stage_dir(workdir, stage)}, skipping.")
     logging.info("clip: final checkpoint exists, skipping.")
     return ckpt.read_model_config(workdir, stage)
   started = time.time()

@@ -7,8 +7,6 @@ interrupted stage resumes with exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Dict, List
 
 import numpy as np
@@ -16,43 +14,22 @@ import numpy as np
 from rl4pix_jax import tokenizer as tokenizer_lib
 from rl4pix_jax.data import loader
 from rl4pix_jax.data import shapes
-from rl4pix_jax.data import shapes_edit_builder
-
-
-def resolve_data_dir(config, workdir: str) -> str:
-  """``config.data.data_dir`` or, when empty, ``<workdir>/data``."""
-  return os.path.expanduser(config.data.data_dir or os.path.join(workdir, "data"))
+from rl4pix_jax.workdir import datasets
 
 
 def ensure_shapes_dataset(config, workdir: str) -> str:
-  """Folder of the shapes_edit dataset the config names; builds it when missing.
+  """Folder of the shapes_edit dataset the config names (``workdir.datasets.ensure_dataset``).
 
+  Args:
+    config: the stage config; ``data.dataset`` must be shapes_edit.
+    workdir: the stages root (the data lives in ``layout.data_dir(config, workdir)``).
   Returns:
     the tfds dataset folder (the one holding dataset_info.json).
   """
   if config.data.dataset != "shapes_edit":
     raise ValueError(f"The supervised stages train on shapes_edit, got "
                      f"config.data.dataset={config.data.dataset!r}.")
-  data_dir = resolve_data_dir(config, workdir)
-  name = shapes_edit_builder.shapes_edit_config(
-      config.resolution, config.data.train_size, config.data.validation_size,
-      config.data.test_size, config.seed).name
-  try:
-    return loader.find_dataset_dir(data_dir, "shapes_edit", name)
-  except ValueError:
-    pass
-  os.makedirs(data_dir, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=data_dir) as scratch:  # tfds leaves tmp folders
-    previous = tempfile.tempdir
-    tempfile.tempdir = scratch
-    try:
-      builder = shapes_edit_builder.make_builder(
-          data_dir, config.resolution, config.data.train_size, config.data.validation_size,
-          config.data.test_size, config.seed)
-      builder.download_and_prepare()
-    finally:
-      tempfile.tempdir = previous
-  return loader.find_dataset_dir(data_dir, "shapes_edit", name)
+  return datasets.ensure_dataset(config, workdir)
 
 
 def load_split(dataset_dir: str, split: str, resolution: int, max_examples: int = 0,

@@ -48,6 +48,7 @@ from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.models import vae as vae_lib
 from rl4pix_jax.pretrain import clip_training
 from rl4pix_jax.pretrain import data as data_lib
+from rl4pix_jax.workdir import layout
 from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
 from rl4pix_jax.pretrain import vae_training
@@ -270,7 +271,7 @@ def train_editor(config, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes, or skips) the UNet stage; returns its model_config.json dict."""
   stage = "unet"
   if ckpt.stage_complete(workdir, stage):
-    print(f"unet: complete in {ckpt.stage_dir(workdir, stage)}, skipping.")
+    print(f"unet: complete in {layout.stage_dir(workdir, stage)}, skipping.")
     logging.info("unet: final checkpoint exists, skipping.")
     return ckpt.read_model_config(workdir, stage)
   started = time.time()

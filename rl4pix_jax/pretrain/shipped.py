@@ -2,8 +2,8 @@
 
 The embedded default's three supervised stages (VAE, CLIP, editor UNet) take longer to train on
 two CPU cores than the README's main job may last, so the repository ships their final params
-in ``checkpoints/shapes_supervised/<stage>/`` (same layout as a workdir stage, see
-``workdir.stages``, but params only: no optimizer state) and ``launch.run_default`` copies
+in ``assets/shapes_editor/<stage>/`` (``layout.SHIPPED_EDITOR_DIR``; same layout as a workdir
+stage, see ``workdir.stages``, but params only: no optimizer state) and ``launch.run_default`` copies
 them into the run's workdir. ``launch.run_default --supervised=train`` trains them instead, and
 ``python -m tools.ship_supervised --workdir=<that run>`` regenerates the shipped folder.
 
@@ -20,12 +20,12 @@ import shutil
 from typing import Any, Dict, List
 
 import ml_collections
-import orbax.checkpoint as ocp
 
+from rl4pix_jax.workdir import layout
 from rl4pix_jax.workdir import stages as ckpt
+from rl4pix_jax.workdir.checkpointer import Checkpointer
 
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "checkpoints", "shapes_supervised")
+SHIPPED_DIR = layout.SHIPPED_EDITOR_DIR
 FINGERPRINT_KEY = "config_fingerprint"
 # Config fields each stage's result depends on (a stage also depends on the ones it reads).
 _COMMON = ("seed", "resolution", "data.dataset", "data.train_size", "data.validation_size",
@@ -50,7 +50,7 @@ def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 def stage_fingerprint(config: ml_collections.ConfigDict, stage: str) -> Dict[str, Any]:
   """The config values ``stage`` depends on, as a JSON-compatible dict keyed by dotted path."""
-  ckpt.check_stage(stage)
+  layout.check_stage(stage)
   return {field: _lookup(config, field) for field in _STAGE_FIELDS[stage]}
 
 
@@ -92,26 +92,24 @@ def export_stage(workdir: str, stage: str, config: ml_collections.ConfigDict,
     The written stage folder.
   """
   if not ckpt.stage_complete(workdir, stage):
-    raise FileNotFoundError(f"{stage} is not complete in {ckpt.stage_dir(workdir, stage)!r}: "
-                            f"run `{ckpt.stage_command(stage, workdir)}` first.")
+    raise FileNotFoundError(f"{stage} is not complete in {layout.stage_dir(workdir, stage)!r}: "
+                            f"run `{layout.stage_command(stage, workdir)}` first.")
   params, model_config = ckpt.latest_stage_params(workdir, stage)
   metadata = dict(model_config["metadata"])
   metadata.pop("dataset_dir", None)  # a path on the machine that trained it
   metadata[FINGERPRINT_KEY] = stage_fingerprint(config, stage)
   step = int(metadata["step"])
-  final = ckpt.stage_dir(destination_root, stage)
+  final = layout.stage_dir(destination_root, stage)
   scratch = final + ".writing"
   shutil.rmtree(scratch, ignore_errors=True)
-  with ocp.CheckpointManager(scratch, options=ocp.CheckpointManagerOptions(create=True)) as m:
-    m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                         progress=ocp.args.JsonSave({"step": step})))
-    m.wait_until_finished()
-  with open(os.path.join(scratch, ckpt.MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
+  with Checkpointer(scratch, keep=1, cleanup_tmp_directories=False) as m:
+    m.save_items(step, {"params": params}, {"progress": {"step": step}})
+  with open(os.path.join(scratch, layout.MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump({"stage": stage, "models": model_config["models"], "metadata": metadata}, f,
               indent=2)
-  metrics = os.path.join(ckpt.stage_dir(workdir, stage), ckpt.METRICS_FILE)
+  metrics = os.path.join(layout.stage_dir(workdir, stage), layout.METRICS_FILE)
   if os.path.exists(metrics):
-    shutil.copy(metrics, os.path.join(scratch, ckpt.METRICS_FILE))
+    shutil.copy(metrics, os.path.join(scratch, layout.METRICS_FILE))
   shutil.rmtree(final, ignore_errors=True)
   os.replace(scratch, final)
   return final
@@ -134,9 +132,9 @@ def install_stage(shipped_root: str, workdir: str, stage: str,
   shipped = ckpt.read_model_config(shipped_root, stage)
   if shipped is None:
     raise FileNotFoundError(
-        f"No shipped {stage} checkpoint in {ckpt.stage_dir(shipped_root, stage)!r}. Train it "
+        f"No shipped {stage} checkpoint in {layout.stage_dir(shipped_root, stage)!r}. Train it "
         f"with `python -m launch.run_default --supervised=train ...` (or `"
-        f"{ckpt.stage_command(stage, workdir)}`).")
+        f"{layout.stage_command(stage, workdir)}`).")
   differences = fingerprint_differences(shipped["metadata"].get(FINGERPRINT_KEY, {}),
                                         stage_fingerprint(config, stage))
   if differences:
@@ -144,11 +142,11 @@ def install_stage(shipped_root: str, workdir: str, stage: str,
         f"The shipped {stage} checkpoint was trained with another config:\n  " +
         "\n  ".join(differences) + "\nRun with --supervised=train to train the supervised "
         "stages with your config (or drop the overrides of these fields).")
-  destination = ckpt.stage_dir(workdir, stage)
+  destination = layout.stage_dir(workdir, stage)
   if os.path.exists(destination):
     raise FileExistsError(
         f"{destination!r} holds an unfinished {stage} stage (an interrupted training run); "
         "it is left untouched. Finish it with --supervised=train, or move it away to use the "
         "shipped checkpoint.")
-  shutil.copytree(ckpt.stage_dir(shipped_root, stage), destination)
+  shutil.copytree(layout.stage_dir(shipped_root, stage), destination)
   return True

@@ -1,19 +1,21 @@
-"""The loop every supervised stage shares: resume, jitted steps, logging, checkpoints."""
+"""The loop every supervised stage shares: resume, jitted steps, logging, checkpoints.
+
+Checkpoints, metrics and folders come from ``workdir/`` (shared with the RL stage).
+"""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any, Callable, Dict
 
 import jax
-import numpy as np
 import optax
 from absl import logging
 from tqdm import tqdm
 
 from rl4pix_jax.workdir import stages as ckpt
+from rl4pix_jax.workdir.layout import stage_dir
+from rl4pix_jax.workdir.metrics_log import MetricsLog
 
 
 def stage_optimizer(settings, num_steps: int) -> optax.GradientTransformation:
@@ -45,14 +47,6 @@ def stage_optimizer(settings, num_steps: int) -> optax.GradientTransformation:
                      optax.adamw(schedule, weight_decay=0.0))
 
 
-def append_metrics(workdir: str, stage: str, record: Dict[str, Any]) -> None:
-  """Appends one JSON line to ``<workdir>/<stage>/metrics.jsonl``."""
-  path = os.path.join(ckpt.stage_dir(workdir, stage), ckpt.METRICS_FILE)
-  with open(path, "a") as f:
-    f.write(json.dumps({k: float(v) if isinstance(v, (np.generic, jax.Array)) else v
-                        for k, v in record.items()}) + "\n")
-
-
 def run_training(workdir: str, stage: str, num_steps: int, params: Any, opt_state: Any,
                  train_step: Callable, make_batch: Callable[[int], Any], seed: int,
                  log_every: int, checkpoint_every: int, models: Dict[str, Any],
@@ -77,6 +71,7 @@ def run_training(workdir: str, stage: str, num_steps: int, params: Any, opt_stat
     params, opt_state, start = restored
     logging.info("%s: resuming from step %d of %d.", stage, start, num_steps)
   base_key = jax.random.PRNGKey(seed)
+  log = MetricsLog(stage_dir(workdir, stage), step_key="step", tensorboard=False)
   metrics: Dict[str, float] = {}
   started = time.time()
   for step in tqdm(range(start, num_steps), desc=stage, initial=start, total=num_steps):
@@ -90,7 +85,7 @@ def run_training(workdir: str, stage: str, num_steps: int, params: Any, opt_stat
       logging.info("%s step %d: %s", stage, done, record)
       print(f"{stage} step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
             flush=True)
-      append_metrics(workdir, stage, record)
+      log.write(done, dict(metrics, elapsed_s=record["elapsed_s"]))
     if done % checkpoint_every == 0 and done < num_steps:
       ckpt.save_stage(manager, workdir, stage, done, params, opt_state, models, metadata)
   return params, opt_state, metrics, manager

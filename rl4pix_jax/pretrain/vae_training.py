@@ -19,6 +19,7 @@ from absl import logging
 from rl4pix_jax.data import shapes_check
 from rl4pix_jax.models import vae as vae_lib
 from rl4pix_jax.pretrain import data as data_lib
+from rl4pix_jax.workdir import layout
 from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
 
@@ -126,8 +127,8 @@ def train_vae(config, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes, or skips) the VAE stage; returns its model_config.json dict."""
   stage = "vae"
   if ckpt.stage_complete(workdir, stage):
-    logging.info("vae: final checkpoint exists in %s, skipping.", ckpt.stage_dir(workdir, stage))
-    print(f"vae: complete in {ckpt.stage_dir(workdir, stage)}, skipping.")
+    logging.info("vae: final checkpoint exists in %s, skipping.", layout.stage_dir(workdir, stage))
+    print(f"vae: complete in {layout.stage_dir(workdir, stage)}, skipping.")
     return ckpt.read_model_config(workdir, stage)
   started = time.time()
   settings = config.pretrain.vae

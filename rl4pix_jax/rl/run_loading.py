@@ -17,9 +17,9 @@ from absl import logging
 
 from rl4pix_jax import editing, pipeline
 from rl4pix_jax.workdir import checkpointer as checkpointing
+from rl4pix_jax.workdir import layout
 from rl4pix_jax.rl import trainer
 
-CONFIG_NAME = "config.json"
 
 
 class RunLoadingError(ValueError):
@@ -28,7 +28,7 @@ class RunLoadingError(ValueError):
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The ConfigDict saved by ``trainer.train`` in ``<workdir>/config.json``."""
-  path = os.path.join(workdir, CONFIG_NAME)
+  path = layout.run_config_path(workdir)
   if not os.path.isfile(path):
     raise RunLoadingError(f"No run config at {path!r}: --workdir must be a folder written by "
                           "`python -m launch.train` (it holds config.json and checkpoints/).")
@@ -38,7 +38,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def checkpoint_epochs(workdir: str, keep: int = 1) -> list:
   """Epochs with a complete RL checkpoint in ``<workdir>/checkpoints`` (sorted)."""
-  directory = os.path.join(workdir, "checkpoints")
+  directory = layout.run_checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     return []
   checkpointer = checkpointing.RunCheckpointer(directory, keep=max(1, keep))
@@ -83,7 +83,7 @@ def load_run(workdir: str, step: Optional[int] = None,
   """
   config = read_run_config(workdir)
   epochs = checkpoint_epochs(workdir, config.train.get("keep_checkpoints", 1))
-  checkpoints = os.path.join(workdir, "checkpoints")
+  checkpoints = layout.run_checkpoint_dir(workdir)
   if step is not None and step not in epochs:
     raise RunLoadingError(f"No RL checkpoint for --step={step} in {checkpoints!r}; it has "
                           f"epochs {epochs}.")

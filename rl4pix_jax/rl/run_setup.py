@@ -11,7 +11,6 @@ Two sources of the editor, chosen by ``config.model.pretrained``:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import jax
@@ -25,16 +24,7 @@ from rl4pix_jax.models.vae import VAEConfig
 from rl4pix_jax.tokenizer import load_clip_tokenizer
 from rl4pix_jax.rl.trainer import RLSetup, samples_per_prompt
 from rl4pix_jax.weights import folders, transformers_clip
-
-
-def stages_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Folder of the supervised stages (and the default data): config or the workdir's parent."""
-  configured = config.model.get("stages_dir", "")
-  return configured or os.path.dirname(os.path.abspath(workdir.rstrip("/")))
-
-
-def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return config.data.data_dir or os.path.join(stages_dir(config, workdir), "data")
+from rl4pix_jax.workdir import layout
 
 
 def _reward_clip(config: ml_collections.ConfigDict):
@@ -64,7 +54,7 @@ def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLS
   # pylint: disable=import-outside-toplevel
   from rl4pix_jax.pretrain import clip_training
   from rl4pix_jax.workdir import stages as stage_checkpoint
-  root = stages_dir(config, workdir)
+  root = layout.stages_dir(config, workdir)
   vae_params, vae_meta = stage_checkpoint.latest_stage_params(root, "vae")
   clip_params, clip_meta = stage_checkpoint.latest_stage_params(root, "clip")
   unet_params, unet_meta = stage_checkpoint.latest_stage_params(root, "unet")
@@ -82,19 +72,10 @@ def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLS
 
 
 def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The prepared dataset folder; builds shapes_edit on first use (MagicBrush must exist)."""
-  root = data_dir(config, workdir)
-  name = config.data.dataset
-  if name == "shapes_edit":
-    from rl4pix_jax.data import shapes_edit_builder  # pylint: disable=import-outside-toplevel
-    builder = shapes_edit_builder.make_builder(
-        root, config.resolution, config.data.train_size, config.data.validation_size,
-        config.data.test_size, config.seed)
-    builder.download_and_prepare()  # a no-op when already prepared
-    return os.fspath(builder.data_dir)
-  if name == "magicbrush":
-    return loader_lib.find_dataset_dir(root, name, config.data.get("config_name") or None)
-  raise ValueError(f"config.data.dataset={name!r}: use 'shapes_edit' or 'magicbrush'.")
+  """The prepared dataset folder of the run in ``workdir``; builds shapes_edit on first use
+  (MagicBrush must exist). See ``workdir.datasets.ensure_dataset``."""
+  from rl4pix_jax.workdir import datasets  # pylint: disable=import-outside-toplevel
+  return datasets.ensure_dataset(config, layout.stages_dir(config, workdir))
 
 
 def make_iterator(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any,

@@ -12,7 +12,6 @@ so a killed run restarted with the same command continues to the same numbers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -24,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 import tqdm
 
 from rl4pix_jax.rl import advantages as advantages_lib
 from rl4pix_jax import parallel, pipeline, visualize
 from rl4pix_jax.workdir import checkpointer as checkpointing
+from rl4pix_jax.workdir import layout
+from rl4pix_jax.workdir.metrics_log import MetricsLog
 from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.rewards import RewardInputs, make_reward_fn
@@ -179,56 +179,6 @@ def _host(x) -> np.ndarray:
   return np.asarray(x)
 
 
-class MetricsLog:
-  """metrics.jsonl + TensorBoard (process 0 only); truncates epochs >= a resume point."""
-
-  def __init__(self, workdir: str, start_epoch: int, enabled: bool):
-    self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.writer = None
-    if not enabled:
-      return
-    if os.path.exists(self.path):  # drop what a killed run logged after its checkpoint
-      with open(self.path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch]
-      with open(self.path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, epoch: int, metrics: Dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"epoch": epoch, **metrics}, sort_keys=True) + "\n")
-    for name, value in metrics.items():
-      self.writer.add_scalar(name, value, epoch)
-    self.writer.flush()
-
-  def read(self) -> List[dict]:
-    if not os.path.exists(self.path):
-      return []
-    with open(self.path, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
-
-  def close(self):
-    if self.writer is not None:
-      self.writer.close()
-
-
-def sample_grid(sources: np.ndarray, edits: np.ndarray, maps: np.ndarray,
-                instructions: List[str], epoch: int, limit: int = 8) -> Image.Image:
-  """PNG grid: source | edit | attention overlay on the edit, with the instruction."""
-  rows, captions = [], []
-  for i in range(min(limit, len(sources))):
-    source = np.round(sources[i] * 255).astype(np.uint8)
-    edit = np.round(edits[i] * 255).astype(np.uint8)
-    rows.append([source, edit, visualize.attention_overlay(edit, maps[i])])
-    captions.append(instructions[i])
-  return visualize.captioned_grid(rows, captions, ["source", "edit", "target-token attention"],
-                                  title=f"epoch {epoch}")
-
-
 def reward_with_map_gradient(reward_fn: Callable) -> Callable:
   """``reward_fn(clip_params, inputs) -> (reward, parts)`` -> a function that also returns
   d(sum of rewards) / d(inputs.attention_maps), (B, T, r, r) float32: the cotangents of
@@ -273,7 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   logging.info("Batch arithmetic: %s", sizes.describe())
   if is_main:
     print(f"[rl4pix_jax] {sizes.describe()}", flush=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    with open(layout.run_config_path(workdir), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   models, tokenizer = setup.models, setup.tokenizer
@@ -303,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   frozen_shardings = unet_shardings if frozen is not None else None
   tracker = advantages_lib.PerPromptStatTracker(config.ppo.stat_buffer_size,
                                                 config.ppo.stat_min_count)
-  checkpointer = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = checkpointing.RunCheckpointer(layout.run_checkpoint_dir(workdir),
                                                keep=config.train.keep_checkpoints)
   start_epoch = 0
   if checkpointer.latest_epoch() is not None:
@@ -314,7 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
     logging.info("Resumed from the checkpoint of epoch %d.", host["epoch"])
     if is_main:
       print(f"[rl4pix_jax] resumed after epoch {host['epoch']}", flush=True)
-  log = MetricsLog(workdir, start_epoch, is_main)
+  log = MetricsLog(workdir, resume_from=start_epoch, enabled=is_main)
 
   # ---- compiled functions ----------------------------------------------------------------
   # Text encoder and VAE (the UNet is not needed there), replicated on the global mesh.
@@ -419,7 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
           pictured = True
           if is_main:  # process 0's texts caption the first rows of the global batch
             texts_0 = list(batch.texts["instruction"])
-            grid = sample_grid(*pictures, texts_0, epoch, limit=min(8, len(texts_0)))
+            grid = visualize.sample_grid(*pictures, texts_0, epoch, limit=min(8, len(texts_0)))
       all_rewards = np.concatenate(rewards)
       keys = [str(int(j)) for j in np.concatenate(example_ids)]
       advantages = tracker.update(keys, all_rewards)
@@ -513,11 +463,11 @@ def restore_policy_params(config: ml_collections.ConfigDict, workdir: str,
     epoch: which checkpoint (default: latest).
   """
   state, frozen = ppo.init_train_state(jax.random.PRNGKey(0), initial_unet_params, config.ppo)
-  checkpointer = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = checkpointing.RunCheckpointer(layout.run_checkpoint_dir(workdir),
                                                keep=max(1, config.train.keep_checkpoints))
   if checkpointer.latest_epoch() is None:
     raise checkpointing.CheckpointError(
-        f"No RL checkpoint in {os.path.join(workdir, 'checkpoints')!r}; run "
+        f"No RL checkpoint in {layout.run_checkpoint_dir(workdir)!r}; run "
         f"`python -m launch.train --workdir={workdir}` first.")
   state, _ = checkpointer.restore(state, epoch)
   checkpointer.close()

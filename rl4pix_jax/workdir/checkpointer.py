@@ -14,7 +14,7 @@ are ignored (and cleaned up) on the next start.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import logging
 from etils import epath
@@ -37,7 +37,74 @@ def all_finite(tree: Any) -> bool:
   return all(bool(jax.numpy.isfinite(x).all()) for x in leaves)
 
 
-class RunCheckpointer:
+class Checkpointer:
+  """Saves and restores named items (array pytrees and JSON dicts) under ``<directory>/<step>``.
+
+  The one Orbax wrapper of the project: the RL run (``RunCheckpointer``: items ``state`` and
+  ``host``) and the supervised stages (``workdir.stages``: ``params``, ``opt_state``,
+  ``progress``) both write through it.
+
+  Args:
+    directory: checkpoint root (a local path or ``gs://...``).
+    keep: how many of the newest checkpoints to keep.
+    item_names: the names of the items, when fixed (None: whatever each save writes).
+    cleanup_tmp_directories: remove unfinished temporary folders on start.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, item_names: Optional[Sequence[str]] = None,
+               cleanup_tmp_directories: bool = True):
+    if keep < 1:
+      raise CheckpointError(f"keep={keep}: keep at least one checkpoint.")
+    if "://" not in directory:
+      directory = os.path.abspath(directory)
+    self.directory = directory
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           cleanup_tmp_directories=cleanup_tmp_directories)
+    self._manager = ocp.CheckpointManager(
+        directory, options=options, item_names=tuple(item_names) if item_names else None)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def latest_step(self) -> Optional[int]:
+    """The newest step Orbax knows of (complete or not; see ``RunCheckpointer.all_epochs``)."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list:
+    return sorted(self._manager.all_steps())
+
+  def save_items(self, step: int, arrays: Dict[str, Any],
+                 json_items: Optional[Dict[str, dict]] = None) -> None:
+    """Writes the array pytrees and JSON dicts of ``step`` and waits until they are on disk."""
+    items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+    items.update({name: ocp.args.JsonSave(value) for name, value in (json_items or {}).items()})
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._manager.wait_until_finished()
+
+  def restore_items(self, step: int, arrays: Dict[str, Any],
+                    json_names: Sequence[str] = ()) -> Dict[str, Any]:
+    """Restores the named items of ``step``.
+
+    Args:
+      arrays: item name -> a pytree of arrays or ``jax.ShapeDtypeStruct`` (with ``sharding``)
+        giving structure, dtypes and placement, or None to restore as saved.
+      json_names: the JSON items to restore.
+    """
+    items = {name: ocp.args.StandardRestore(
+        None if like is None else jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like))
+             for name, like in arrays.items()}
+    items.update({name: ocp.args.JsonRestore() for name in json_names})
+    return dict(self._manager.restore(step, args=ocp.args.Composite(**items)))
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+class RunCheckpointer(Checkpointer):
   """Saves and restores (state, host) pairs under ``<directory>`` keyed by epoch.
 
   Args:
@@ -46,15 +113,7 @@ class RunCheckpointer:
   """
 
   def __init__(self, directory: str, keep: int = 3):
-    if keep < 1:
-      raise CheckpointError(f"keep={keep}: keep at least one checkpoint.")
-    if "://" not in directory:
-      directory = os.path.abspath(directory)
-    self.directory = directory
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(directory, options=options,
-                                          item_names=("state", "host"))
+    super().__init__(directory, keep, item_names=("state", "host"))
 
   def _is_complete(self, epoch: int) -> bool:
     return (epath.Path(self.directory) / str(epoch) / COMPLETION_MARKER).exists()
@@ -90,9 +149,7 @@ class RunCheckpointer:
       logging.warning("Replacing incomplete checkpoint folder of epoch %d.", epoch)
       (epath.Path(self.directory) / str(epoch)).rmtree()
       self._manager.reload()
-    self._manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)), force=True)
-    self._manager.wait_until_finished()
+    self.save_items(epoch, {"state": state}, {"host": host})
 
   def restore(self, abstract_state: Any, epoch: Optional[int] = None) -> Tuple[Any, dict]:
     """Restores (state, host) of ``epoch`` (default: the latest).
@@ -108,11 +165,5 @@ class RunCheckpointer:
     if epoch not in self.all_epochs():
       raise CheckpointError(f"No checkpoint for epoch {epoch} in {self.directory!r}; "
                             f"available: {self.all_epochs()}.")
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self._manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
+    restored = self.restore_items(epoch, {"state": abstract_state}, ("host",))
     return restored["state"], restored["host"]
-
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()

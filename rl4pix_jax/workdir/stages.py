@@ -1,6 +1,6 @@
-"""Checkpoints of the supervised stages and the workdir layout they share.
+"""Checkpoints of the supervised stages: params (+ optimizer state) and model_config.json.
 
-Layout (the RL stage and the evaluation read it)::
+Layout (``workdir.layout``; the RL stage and the evaluation read it)::
 
   <workdir>/data/                 shapes_edit tfds data (when config.data.data_dir is empty)
   <workdir>/vae/                  Orbax CheckpointManager directory of the VAE stage:
@@ -26,37 +26,15 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-STAGES = ("vae", "clip", "unet")
-MODEL_CONFIG_FILE = "model_config.json"
-METRICS_FILE = "metrics.jsonl"
+from rl4pix_jax.workdir.checkpointer import Checkpointer
+from rl4pix_jax.workdir.layout import MODEL_CONFIG_FILE, stage_command, stage_dir
 
-
-def check_stage(stage: str) -> None:
-  """Raises ValueError unless ``stage`` is one of ``STAGES``."""
-  if stage not in STAGES:
-    raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}.")
-
-
-def stage_dir(workdir: str, stage: str) -> str:
-  """``<workdir>/<stage>`` as an absolute path (Orbax needs absolute paths)."""
-  check_stage(stage)
-  return os.path.abspath(os.path.join(os.path.expanduser(workdir), stage))
-
-
-def stage_command(stage: str, workdir: str) -> str:
-  """The command that creates a stage's checkpoint."""
-  return (f"python -m launch.pretrain --config=configs/shapes.py:{stage} "
-          f"--workdir={workdir}")
-
-
-def checkpoint_manager(workdir: str, stage: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-  """The stage's CheckpointManager (creates the directory)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(stage_dir(workdir, stage), options=options)
+def checkpoint_manager(workdir: str, stage: str, max_to_keep: int = 2) -> Checkpointer:
+  """The stage's checkpointer (creates the directory)."""
+  return Checkpointer(stage_dir(workdir, stage), keep=max_to_keep,
+                      cleanup_tmp_directories=False)
 
 
 def read_model_config(workdir: str, stage: str) -> Optional[Dict[str, Any]]:
@@ -89,7 +67,7 @@ def _json_default(value):
   raise TypeError(f"Not JSON serialisable: {type(value).__name__}")
 
 
-def save_stage(manager: ocp.CheckpointManager, workdir: str, stage: str, step: int, params: Any,
+def save_stage(manager: Checkpointer, workdir: str, stage: str, step: int, params: Any,
                opt_state: Any, models: Dict[str, Any], metadata: Dict[str, Any]) -> None:
   """Saves params, optimizer state and step at ``step``, and model_config.json beside them.
 
@@ -103,25 +81,20 @@ def save_stage(manager: ocp.CheckpointManager, workdir: str, stage: str, step: i
   """
   if "num_steps" not in metadata:
     raise ValueError("save_stage: metadata needs 'num_steps' (the stage's configured length).")
-  manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-      progress=ocp.args.JsonSave({"step": int(step)})), force=True)
-  manager.wait_until_finished()
+  manager.save_items(step, {"params": params, "opt_state": opt_state},
+                     {"progress": {"step": int(step)}})
   metadata = dict(metadata, step=int(step), complete=bool(step >= metadata["num_steps"]))
   write_model_config(workdir, stage, models, metadata)
 
 
-def restore_training_state(manager: ocp.CheckpointManager, params_like: Any,
+def restore_training_state(manager: Checkpointer, params_like: Any,
                            opt_state_like: Any) -> Optional[Tuple[Any, Any, int]]:
   """(params, opt_state, step) of the latest checkpoint, or None when there is none."""
   step = manager.latest_step()
   if step is None:
     return None
-  abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract(params_like)),
-      opt_state=ocp.args.StandardRestore(abstract(opt_state_like)),
-      progress=ocp.args.JsonRestore()))
+  restored = manager.restore_items(step, {"params": params_like, "opt_state": opt_state_like},
+                                   ("progress",))
   return restored["params"], restored["opt_state"], int(restored["progress"]["step"])
 
 
@@ -154,6 +127,6 @@ def latest_stage_params(workdir: str, stage: str) -> Tuple[Any, Dict[str, Any]]:
   if config is None or step is None:
     raise FileNotFoundError(f"No {stage} checkpoint in {folder!r}: run "
                             f"`{stage_command(stage, workdir)}` first.")
-  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  restored = manager.restore_items(step, {"params": None})
   manager.close()
   return restored["params"], config
