@@ -36,6 +36,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+# Kernels with fewer elements stay replicated (the default of config.mesh.fsdp_min_size).
+DEFAULT_FSDP_MIN_SIZE = 2 ** 18
 
 PyTree = Any
 # A function of (leaf shape, mesh) returning the leaf's partition spec.
@@ -217,7 +219,7 @@ class ShardLargestDivisibleAxis:
     return PartitionSpec()
 
 
-def default_sharding_rules(min_size: int = 2 ** 18) -> list:
+def default_sharding_rules(min_size: int = DEFAULT_FSDP_MIN_SIZE) -> list:
   """The default rules: large conv/dense kernels and embeddings over 'fsdp', the rest replicated.
 
   Args:

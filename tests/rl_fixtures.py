@@ -10,7 +10,7 @@ from rl4pix_jax.models.clip import CLIPTextConfig, CLIPVisionConfig, CLIPVisionM
 from rl4pix_jax.models.unet import UNetConfig
 from rl4pix_jax.models.vae import VAEConfig
 from rl4pix_jax.tokenizer import load_clip_tokenizer
-from rl4pix_jax.rl.trainer import RLSetup
+from rl4pix_jax.rl.run_setup import RLSetup
 from tests import tiny_models
 
 RESOLUTION = 32

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rl4pix_jax.workdir import checkpointer as checkpointing
-from rl4pix_jax.rl import ppo
+from rl4pix_jax.rl import batching, compiled, ppo
 from rl4pix_jax.rl import trainer
 from rl4pix_jax.data import loader
 from rl4pix_jax.rewards import RewardInputs, make_reward_fn
@@ -99,11 +99,11 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
 def test_inconsistent_batch_sizes_are_named():
   config = rl_fixtures.tiny_rl_config(**{"train.train_batch_size": 3})
   with pytest.raises(trainer.TrainingError, match=r"4 is not divisible by train.train_batch"):
-    trainer.batch_arithmetic(config, 1, 1)
+    batching.batch_arithmetic(config, 1, 1)
   config = rl_fixtures.tiny_rl_config()
   with pytest.raises(trainer.TrainingError, match="8 devices"):
-    trainer.batch_arithmetic(config, 8, 1)
-  sizes = trainer.batch_arithmetic(config, 2, 1)
+    batching.batch_arithmetic(config, 8, 1)
+  sizes = batching.batch_arithmetic(config, 2, 1)
   assert sizes.updates_per_epoch == 2 and sizes.samples_per_epoch == 4
   assert "2 optimizer updates per epoch" in sizes.describe()
 
@@ -112,20 +112,20 @@ def test_samples_per_prompt_arithmetic_and_repeats():
   config = rl_fixtures.tiny_rl_config(**{"train.samples_per_prompt": 3})
   with pytest.raises(trainer.TrainingError, match=r"sample_batch_size=4 is not divisible by "
                      r"train.samples_per_prompt=3"):
-    trainer.batch_arithmetic(config, 1, 1)
+    batching.batch_arithmetic(config, 1, 1)
   config = rl_fixtures.tiny_rl_config(**{"train.samples_per_prompt": 2})
-  sizes = trainer.batch_arithmetic(config, 1, 1)
+  sizes = batching.batch_arithmetic(config, 1, 1)
   assert sizes.samples_per_prompt == 2 and "2 sample(s) per prompt" in sizes.describe()
   with pytest.raises(trainer.TrainingError, match="2 processes"):
-    trainer.batch_arithmetic(rl_fixtures.tiny_rl_config(**{"train.samples_per_prompt": 4}), 1, 2)
+    batching.batch_arithmetic(rl_fixtures.tiny_rl_config(**{"train.samples_per_prompt": 4}), 1, 2)
   batch = loader.EditBatch({"example_index": np.array([7, 9]),
                             "source": np.arange(2 * 3).reshape(2, 3)},
                            {"instruction": ["a", "b"]})
-  repeated = trainer.repeat_prompts(batch, 3)
+  repeated = batching.repeat_prompts(batch, 3)
   np.testing.assert_array_equal(repeated.arrays["example_index"], [7, 7, 7, 9, 9, 9])
   np.testing.assert_array_equal(repeated.arrays["source"][3:], np.tile([[3, 4, 5]], (3, 1)))
   assert repeated.texts["instruction"] == ["a", "a", "a", "b", "b", "b"]
-  assert trainer.repeat_prompts(batch, 1) is batch
+  assert batching.repeat_prompts(batch, 1) is batch
 
 
 def test_reward_map_gradient_matches_finite_differences():
@@ -138,7 +138,7 @@ def test_reward_map_gradient_matches_finite_differences():
   maps = jnp.asarray(rng.uniform(0.1, 1.0, (3, 4, 8, 8)), jnp.float32)
   mask = jnp.asarray((rng.uniform(size=(3, 32, 32)) > 0.6).astype(np.float32))
   inputs = RewardInputs(attention_maps=maps, mask=mask)
-  reward, parts, gradient = trainer.reward_with_map_gradient(fn)(None, inputs)
+  reward, parts, gradient = compiled.reward_with_map_gradient(fn)(None, inputs)
   np.testing.assert_allclose(reward, fn(None, inputs)[0], rtol=1e-6)
   assert gradient.shape == maps.shape and set(parts) == {"attention"}
   direction = jnp.asarray(rng.standard_normal(maps.shape), jnp.float32)

@@ -18,7 +18,8 @@ from absl import logging
 from rl4pix_jax import editing, pipeline
 from rl4pix_jax.workdir import checkpointer as checkpointing
 from rl4pix_jax.workdir import layout
-from rl4pix_jax.rl import trainer
+from rl4pix_jax.rl import train_state
+from rl4pix_jax.rl.run_setup import RLSetup
 
 
 
@@ -58,7 +59,7 @@ class LoadedRun:
     epoch: the RL checkpoint epoch restored, or None (no RL).
   """
   config: ml_collections.ConfigDict
-  setup: trainer.RLSetup
+  setup: RLSetup
   editor: editing.Editor
   epoch: Optional[int]
 
@@ -100,7 +101,7 @@ def load_run(workdir: str, step: Optional[int] = None,
                     "pretrained, no RL).", checkpoints)
   else:
     epoch = epochs[-1] if step is None else step
-    unet = trainer.restore_policy_params(config, workdir, params.unet, epoch)
+    unet = train_state.restore_policy_params(config, workdir, params.unet, epoch)
     params = pipeline.EditorParams(unet=unet, vae=params.vae, text_encoder=params.text_encoder)
     logging.info("Restored the RL policy of epoch %d from %r.", epoch, checkpoints)
   editor = editing.Editor(setup.models, params, setup.tokenizer,

@@ -11,6 +11,7 @@ Two sources of the editor, chosen by ``config.model.pretrained``:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -22,9 +23,29 @@ from rl4pix_jax.models.clip import CLIPTextModel, CLIPVisionModel
 from rl4pix_jax.models.unet import UNetConfig
 from rl4pix_jax.models.vae import VAEConfig
 from rl4pix_jax.tokenizer import load_clip_tokenizer
-from rl4pix_jax.rl.trainer import RLSetup, samples_per_prompt
+from rl4pix_jax.rl.batching import samples_per_prompt
 from rl4pix_jax.weights import folders, transformers_clip
 from rl4pix_jax.workdir import layout
+
+
+@dataclasses.dataclass
+class RLSetup:
+  """What the RL stage starts from.
+
+  Attributes:
+    models: the editor modules.
+    params: the initial editor parameters (the UNet is the policy's starting point).
+    tokenizer: the CLIP tokenizer of the text encoder.
+    clip_text_model, clip_vision_model: CLIP towers with projections for the CLIP reward
+      (None when the reward does not use CLIP).
+    clip_params: {"text": ..., "vision": ...} or None.
+  """
+  models: pipeline.EditorModels
+  params: pipeline.EditorParams
+  tokenizer: Any
+  clip_text_model: Any = None
+  clip_vision_model: Any = None
+  clip_params: Any = None
 
 
 def _reward_clip(config: ml_collections.ConfigDict):
