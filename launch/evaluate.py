@@ -72,13 +72,9 @@ _MAGICBRUSH_DATA_HINT = (" Build MagicBrush from its parquet shards first: `pyth
 
 def _shapes_clip(run, clip_folder):
   """(text model, vision model, {"text", "vision"} params) for the shapes CLIP-T."""
-  # pylint: disable=import-outside-toplevel
-  from rl4pix_jax.models import clip
-  from rl4pix_jax.weights import folders, transformers_clip
+  from rl4pix_jax.weights import transformers_clip  # pylint: disable=import-outside-toplevel
   if clip_folder:
-    loaded = transformers_clip.load_clip(folders.resolve_pretrained(clip_folder))
-    return (clip.CLIPTextModel(loaded.text_config), clip.CLIPVisionModel(loaded.vision_config),
-            {"text": loaded.text_params, "vision": loaded.vision_params})
+    return transformers_clip.load_clip_models(clip_folder)
   if run is None or run.setup.clip_params is None:
     raise ValueError("The shapes CLIP-T needs a CLIP: pass --clip_model=<CLIPModel folder> "
                      "(the run has no reward CLIP).")

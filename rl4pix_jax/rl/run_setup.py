@@ -19,12 +19,12 @@ import ml_collections
 
 from rl4pix_jax import pipeline
 from rl4pix_jax.data import loader as loader_lib
-from rl4pix_jax.models.clip import CLIPTextModel, CLIPVisionModel
+from rl4pix_jax.models.clip import CLIPVisionModel
 from rl4pix_jax.models.unet import UNetConfig
 from rl4pix_jax.models.vae import VAEConfig
-from rl4pix_jax.tokenizer import load_clip_tokenizer
 from rl4pix_jax.rl.batching import samples_per_prompt
-from rl4pix_jax.weights import folders, transformers_clip
+from rl4pix_jax.tokenizer import load_clip_tokenizer
+from rl4pix_jax.weights import transformers_clip
 from rl4pix_jax.workdir import layout
 
 
@@ -57,9 +57,7 @@ def _reward_clip(config: ml_collections.ConfigDict):
     raise ValueError("config.reward.clip_weight > 0 with a pretrained editor needs "
                      "--config.reward.clip_model=<transformers CLIPModel folder or hub id, "
                      "e.g. openai/clip-vit-large-patch14>, or --config.reward.clip_weight=0.")
-  loaded = transformers_clip.load_clip(folders.resolve_pretrained(source))
-  return (CLIPTextModel(loaded.text_config), CLIPVisionModel(loaded.vision_config),
-          {"text": loaded.text_params, "vision": loaded.vision_params})
+  return transformers_clip.load_clip_models(source)
 
 
 def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLSetup:

@@ -31,7 +31,7 @@ from flax import traverse_util
 from rl4pix_jax.models.clip import (CLIPConfigError, CLIPTextConfig, CLIPTextModel,
                                     CLIPVisionConfig, CLIPVisionModel)
 from rl4pix_jax.weights.folders import (TRANSFORMERS_WEIGHTS_NAME, WeightsError,
-                                        read_model_config, read_state_dict)
+                                        read_model_config, read_state_dict, resolve_pretrained)
 
 TEXT_PREFIX = "text_model."
 VISION_PREFIX = "vision_model."
@@ -76,7 +76,7 @@ def _to_flax_layout(flax_path: Tuple[str, ...], array: np.ndarray) -> np.ndarray
   return array
 
 
-def _to_torch_layout(flax_path: Tuple[str, ...], array: np.ndarray) -> np.ndarray:
+def to_torch_layout(flax_path: Tuple[str, ...], array: np.ndarray) -> np.ndarray:
   if flax_path[-1] == "kernel" and array.ndim == 2:
     return array.T
   if flax_path[-1] == "kernel" and array.ndim == 4:
@@ -134,7 +134,7 @@ def gather_params(state: Mapping[str, np.ndarray], shapes: Mapping[Tuple[str, ..
       continue
     array = _to_flax_layout(path, np.asarray(state[name], np.float32))
     if tuple(array.shape) != expected:
-      torch_expected = _to_torch_layout(path, np.zeros(expected, np.int8)).shape
+      torch_expected = to_torch_layout(path, np.zeros(expected, np.int8)).shape
       raise WeightsError(f"Tensor {name!r} in {folder!r} has shape {tuple(state[name].shape)}, "
                          f"expected {tuple(torch_expected)} from config.json.")
     flat[path] = array
@@ -225,6 +225,17 @@ def load_clip(folder: str) -> LoadedCLIP:
   return LoadedCLIP(text_config, text_params, vision_config, vision_params)
 
 
+def load_clip_models(source: str) -> Tuple[CLIPTextModel, CLIPVisionModel, dict]:
+  """The CLIP towers (with projections) of a transformers CLIPModel folder or hub id.
+
+  Returns:
+    (text model, vision model, {"text": text params, "vision": vision params}).
+  """
+  loaded = load_clip(resolve_pretrained(source))
+  return (CLIPTextModel(loaded.text_config), CLIPVisionModel(loaded.vision_config),
+          {"text": loaded.text_params, "vision": loaded.vision_params})
+
+
 def clip_text_state_dict_from_params(params: Mapping, prefix: str = TEXT_PREFIX
                                      ) -> Dict[str, np.ndarray]:
   """Flax text-tower params -> transformers state dict (inverse of ``load_clip_text``).
@@ -238,4 +249,4 @@ def clip_text_state_dict_from_params(params: Mapping, prefix: str = TEXT_PREFIX
   """
   flat = traverse_util.flatten_dict(dict(params))
   return {_torch_name(path, prefix): np.ascontiguousarray(
-      _to_torch_layout(path, np.asarray(value, np.float32))) for path, value in flat.items()}
+      to_torch_layout(path, np.asarray(value, np.float32))) for path, value in flat.items()}

@@ -36,7 +36,7 @@ from rl4pix_jax.models.clip import CLIPConfigError
 from rl4pix_jax.models.vit import ViTConfig, ViTModel
 from rl4pix_jax.weights.folders import (TRANSFORMERS_WEIGHTS_NAME, WeightsError,
                                         read_model_config, read_state_dict)
-from rl4pix_jax.weights.transformers_clip import _to_torch_layout, gather_params
+from rl4pix_jax.weights.transformers_clip import to_torch_layout, gather_params
 
 HEAD_PREFIX = "vit."
 _STORED_BLOCK_NAMES = {
@@ -151,4 +151,4 @@ def vit_state_dict_from_params(params: Mapping) -> Dict[str, np.ndarray]:
   """
   flat = traverse_util.flatten_dict(dict(params))
   return {torch_name(path): np.ascontiguousarray(
-      _to_torch_layout(path, np.asarray(value, np.float32))) for path, value in flat.items()}
+      to_torch_layout(path, np.asarray(value, np.float32))) for path, value in flat.items()}
