@@ -11,7 +11,7 @@ from PIL import Image
 from rl4pix_jax import editing, pipeline
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.tokenizer import tokenize
-from tests import tiny_models
+from tests.helpers import tiny_models
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -384,7 +384,7 @@ def preprocess_clip_images(
   ``image_size`` x ``image_size`` (offset ``(H - S) // 2``), normalises per channel.
 
   It matches ``CLIPImageProcessor`` up to resampling: the processor rounds to uint8 and
-  resizes with PIL/torchvision, this stays in float. ``tests/test_clip.py`` measures the gap.
+  resizes with PIL/torchvision, this stays in float. ``tests/models/test_clip.py`` measures the gap.
 
   Args:
     images: (B, H, W, 3) float in [0, 1].

@@ -1,0 +1,121 @@
+"""launch.edit on the checkpoint of a tiny training run; run_loading's errors.
+
+``tiny_run`` (also used by test_cli_evaluate and test_cli_export) trains one epoch of
+``launch.train`` on a tiny random diffusers folder, once per pytest session.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from rl4pix_jax.rl import run_loading
+from tests.helpers import tiny_models
+from tests.helpers.paths import REPO_ROOT
+
+ROOT = REPO_ROOT
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+TINY_RUN_FLAGS = [
+    "--config.resolution=32", "--config.data.train_size=8", "--config.data.validation_size=4",
+    "--config.data.test_size=4", "--config.sampler.num_steps=2",
+    "--config.sampler.capture_size=16", "--config.train.num_epochs=1",
+    "--config.train.sample_batch_size=2", "--config.train.samples_per_prompt=1", "--config.train.num_sample_batches=1",
+    "--config.train.train_batch_size=2", "--config.train.checkpoint_every=1",
+    "--config.data.num_threads=1",
+]
+
+
+def cli_env(tmp):
+  return dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp),
+              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+
+
+def run_cli(module, *flags, tmp):
+  """Runs ``python -m <module> <flags>`` in the repo root; returns the CompletedProcess."""
+  return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, env=cli_env(tmp),
+                        capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(workdir, pretrained root): one epoch of launch.train on tiny random weights."""
+  root = tmp_path_factory.getbasetemp() / "cli_tiny_run"
+  workdir = root / "run" / "rl"
+  if not (workdir / "config.json").exists():
+    tiny_models.save_tiny_diffusers_pipeline(str(root / "ip2p"))
+    tiny_models.save_tiny_clip_model(str(root / "clip"))
+    done = run_cli("launch.train", "--config=configs/shapes.py", f"--workdir={workdir}",
+                   f"--config.model.pretrained={root / 'ip2p'}",
+                   f"--config.reward.clip_model={root / 'clip'}", *TINY_RUN_FLAGS, tmp=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+  return workdir, root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "a.png")
+  Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(folder / "b.jpg")
+  (folder / "broken.png").write_bytes(b"not a png")
+  return folder
+
+
+def _edit_flags(workdir, image, output, *extra):
+  return [f"--workdir={workdir}", f"--image={image}", f"--output={output}",
+          "--instruction=turn the red circle blue", "--steps=2", "--seed=5", *extra]
+
+
+def test_edit_folder_writes_pngs_and_overlays_and_names_the_unreadable_file(
+    tiny_run, images, tmp_path):
+  workdir, _ = tiny_run
+  first = run_cli("launch.edit", *_edit_flags(workdir, images, tmp_path / "one", "--attention",
+                                              "--object=red circle"), tmp=tmp_path)
+  assert first.returncode == 1, first.stderr[-3000:]
+  assert "broken.png" in first.stderr and "cannot read" in first.stderr
+  assert "Edited 2 of 3 images" in first.stdout
+  assert sorted(os.listdir(tmp_path / "one")) == [
+      "a.png", "a_attention.png", "b.png", "b_attention.png"]
+  a = np.asarray(Image.open(tmp_path / "one" / "a.png"))
+  b = np.asarray(Image.open(tmp_path / "one" / "b.png"))
+  assert a.shape == (32, 32, 3) and b.shape == (36, 40, 3)  # size rule: multiples of 4
+  assert np.asarray(Image.open(tmp_path / "one" / "a_attention.png")).shape == (32, 32, 3)
+  # Same seed, same pixels; a single file output for a single image.
+  again = run_cli("launch.edit", *_edit_flags(workdir, images / "a.png", tmp_path / "a.png"),
+                  tmp=tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), a)
+
+
+def test_edit_bad_inputs_say_what_is_wrong(tiny_run, images, tmp_path):
+  workdir, _ = tiny_run
+  out = run_cli("launch.edit", *_edit_flags(workdir, images, tmp_path / "o", "--attention",
+                                            "--object=green star"), tmp=tmp_path)
+  assert out.returncode == 2 and "'green star' is not in" in out.stderr
+  out = run_cli("launch.edit", *_edit_flags(tmp_path, images, tmp_path / "o"), tmp=tmp_path)
+  assert out.returncode == 2 and "config.json" in out.stderr
+  out = run_cli("launch.edit", *_edit_flags(workdir, images, tmp_path / "o", "--step=7"),
+                tmp=tmp_path)
+  assert out.returncode == 2 and "--step=7" in out.stderr and "checkpoints" in out.stderr
+
+
+def test_run_loading_errors_and_fallback(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  with pytest.raises(run_loading.RunLoadingError, match="config.json"):
+    run_loading.read_run_config(str(tmp_path))
+  assert run_loading.checkpoint_epochs(str(workdir)) == [0]
+  empty = tmp_path / "no_checkpoints"
+  empty.mkdir()
+  (empty / "config.json").write_text((workdir / "config.json").read_text())
+  with pytest.raises(run_loading.RunLoadingError, match="No RL checkpoint in"):
+    run_loading.load_run(str(empty), use_rl=True)
+  run = run_loading.load_run(str(empty))  # falls back to the starting editor
+  assert run.epoch is None and run.editor.params is run.setup.params
