@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import configs
-from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.models import unet as unet_lib
+from rl4pix_jax.rl import ppo
 from rl4pix_jax.weights import diffusers_models
 
 FLAGS = flags.FLAGS

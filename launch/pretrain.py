@@ -21,8 +21,8 @@ from ml_collections import config_flags
 
 from rl4pix_jax.pretrain import clip_training
 from rl4pix_jax.pretrain import editor_training
-from rl4pix_jax.workdir import layout
 from rl4pix_jax.pretrain import vae_training
+from rl4pix_jax.workdir import layout
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py:vae",
                                           "Config file and stage, e.g. configs/shapes.py:vae.")

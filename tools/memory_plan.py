@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.configs import BENCHMARK_CONFIGS
-from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.models import unet as unet_lib
+from rl4pix_jax.rl import ppo
 
 GIB = 2 ** 30
 CAPACITIES_GB = {"16 GB (TPU v4/v5e core)": 16e9, "80 GB GPU": 80e9}

@@ -15,13 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
 from rl4pix_jax.models import clip as clip_lib
 from rl4pix_jax.pretrain import data as data_lib
-from rl4pix_jax.workdir import layout
-from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
+from rl4pix_jax.workdir import stages as ckpt
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -115,10 +113,9 @@ def retrieval_accuracy(text_model, vision_model, params, images: np.ndarray, ids
 def train_clip(config, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes, or skips) the CLIP stage; returns its model_config.json dict."""
   stage = "clip"
-  if ckpt.stage_complete(workdir, stage):
-    print(f"clip: complete in {layout.stage_dir(workdir, stage)}, skipping.")
-    logging.info("clip: final checkpoint exists, skipping.")
-    return ckpt.read_model_config(workdir, stage)
+  completed = training_loop.completed_stage(workdir, stage)
+  if completed is not None:
+    return completed
   started = time.time()
   settings = config.pretrain.clip
   dataset_dir = data_lib.ensure_shapes_dataset(config, workdir)

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from rl4pix_jax.data import shapes_check
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
-from rl4pix_jax.data import shapes_check
 from rl4pix_jax.pretrain import data as data_lib
 from rl4pix_jax.pretrain import editor_training
 from rl4pix_jax.workdir import stages as ckpt

@@ -37,21 +37,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from tqdm import tqdm
 
-from rl4pix_jax.diffusion import ddim
 from rl4pix_jax import tokenizer as tokenizer_lib
 from rl4pix_jax.data import shapes
 from rl4pix_jax.data import shapes_edit_builder
+from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.models import vae as vae_lib
 from rl4pix_jax.pretrain import clip_training
 from rl4pix_jax.pretrain import data as data_lib
-from rl4pix_jax.workdir import layout
-from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
 from rl4pix_jax.pretrain import vae_training
+from rl4pix_jax.workdir import stages as ckpt
 
 
 class FrozenEncoders(NamedTuple):
@@ -270,10 +268,9 @@ def make_editor_train_step(unet, schedule, optimizer, empty_states, scaling_fact
 def train_editor(config, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes, or skips) the UNet stage; returns its model_config.json dict."""
   stage = "unet"
-  if ckpt.stage_complete(workdir, stage):
-    print(f"unet: complete in {layout.stage_dir(workdir, stage)}, skipping.")
-    logging.info("unet: final checkpoint exists, skipping.")
-    return ckpt.read_model_config(workdir, stage)
+  completed = training_loop.completed_stage(workdir, stage)
+  if completed is not None:
+    return completed
   started = time.time()
   settings = config.pretrain.unet
   dataset_dir = data_lib.ensure_shapes_dataset(config, workdir)

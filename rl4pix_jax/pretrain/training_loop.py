@@ -6,7 +6,7 @@ Checkpoints, metrics and folders come from ``workdir/`` (shared with the RL stag
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import optax
@@ -45,6 +45,16 @@ def stage_optimizer(settings, num_steps: int) -> optax.GradientTransformation:
                                                   max(num_steps, warmup + 1), peak * final)
   return optax.chain(optax.clip_by_global_norm(float(settings.get("max_grad_norm", 1.0))),
                      optax.adamw(schedule, weight_decay=0.0))
+
+
+def completed_stage(workdir: str, stage: str) -> Optional[Dict[str, Any]]:
+  """The model_config.json dict of ``stage`` when it is complete in ``workdir`` (and says it
+  skips it), else None: every stage's ``train_*`` starts with this."""
+  if not ckpt.stage_complete(workdir, stage):
+    return None
+  logging.info("%s: final checkpoint exists in %s, skipping.", stage, stage_dir(workdir, stage))
+  print(f"{stage}: complete in {stage_dir(workdir, stage)}, skipping.")
+  return ckpt.read_model_config(workdir, stage)
 
 
 def run_training(workdir: str, stage: str, num_steps: int, params: Any, opt_state: Any,

@@ -14,14 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
 from rl4pix_jax.data import shapes_check
 from rl4pix_jax.models import vae as vae_lib
 from rl4pix_jax.pretrain import data as data_lib
-from rl4pix_jax.workdir import layout
-from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
+from rl4pix_jax.workdir import stages as ckpt
 
 
 def make_vae(config) -> vae_lib.AutoencoderKL:
@@ -126,10 +124,9 @@ def edit_ceiling(model, params, dataset_dir: str, resolution: int,
 def train_vae(config, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes, or skips) the VAE stage; returns its model_config.json dict."""
   stage = "vae"
-  if ckpt.stage_complete(workdir, stage):
-    logging.info("vae: final checkpoint exists in %s, skipping.", layout.stage_dir(workdir, stage))
-    print(f"vae: complete in {layout.stage_dir(workdir, stage)}, skipping.")
-    return ckpt.read_model_config(workdir, stage)
+  completed = training_loop.completed_stage(workdir, stage)
+  if completed is not None:
+    return completed
   started = time.time()
   settings = config.pretrain.vae
   dataset_dir = data_lib.ensure_shapes_dataset(config, workdir)

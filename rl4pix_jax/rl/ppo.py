@@ -38,9 +38,9 @@ import optax
 from jax.sharding import Mesh
 
 from rl4pix_jax import parallel
-from rl4pix_jax.rl import lora
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
+from rl4pix_jax.rl import lora
 
 Params = Any
 TRAINABLE_SETS = ("full", "lora")

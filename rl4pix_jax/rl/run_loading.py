@@ -16,10 +16,10 @@ import ml_collections
 from absl import logging
 
 from rl4pix_jax import editing, pipeline
-from rl4pix_jax.workdir import checkpointer as checkpointing
-from rl4pix_jax.workdir import layout
 from rl4pix_jax.rl import train_state
 from rl4pix_jax.rl.run_setup import RLSetup
+from rl4pix_jax.workdir import checkpointer as checkpointing
+from rl4pix_jax.workdir import layout
 
 
 

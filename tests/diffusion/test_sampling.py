@@ -130,8 +130,8 @@ from jax.sharding import Mesh
 sys.path.insert(0, {root!r})
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
-from tests.helpers import tiny_models
 from tests.diffusion import test_sampling as ts
+from tests.helpers import tiny_models
 assert jax.device_count() == 8, jax.devices()
 mesh = Mesh(np.array(jax.devices()).reshape(8, 1), ("data", "fsdp"))
 schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())

@@ -9,8 +9,8 @@ from rl4pix_jax.data import loader, shapes
 from rl4pix_jax.models.clip import CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
 from rl4pix_jax.models.unet import UNetConfig
 from rl4pix_jax.models.vae import VAEConfig
-from rl4pix_jax.tokenizer import load_clip_tokenizer
 from rl4pix_jax.rl.run_setup import RLSetup
+from rl4pix_jax.tokenizer import load_clip_tokenizer
 from tests.helpers import tiny_models
 
 RESOLUTION = 32

@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from rl4pix_jax.rl import run_loading
 from tests.helpers import tiny_models
+from tests.helpers.cli import cli_env, tiny_run_flags
 from tests.helpers.paths import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -22,20 +22,7 @@ ROOT = REPO_ROOT
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-TINY_RUN_FLAGS = [
-    "--config.resolution=32", "--config.data.train_size=8", "--config.data.validation_size=4",
-    "--config.data.test_size=4", "--config.sampler.num_steps=2",
-    "--config.sampler.capture_size=16", "--config.train.num_epochs=1",
-    "--config.train.sample_batch_size=2", "--config.train.samples_per_prompt=1", "--config.train.num_sample_batches=1",
-    "--config.train.train_batch_size=2", "--config.train.checkpoint_every=1",
-    "--config.data.num_threads=1",
-]
-
-
-def cli_env(tmp):
-  return dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp),
-              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+TINY_RUN_FLAGS = tiny_run_flags(num_epochs=1)
 
 
 def run_cli(module, *flags, tmp):

@@ -16,13 +16,13 @@ from PIL import Image
 
 from launch import prepare_data
 from rl4pix_jax import evaluation
-from rl4pix_jax.rl import run_loading
 from rl4pix_jax.data import loader
 from rl4pix_jax.metrics import image_metrics
+from rl4pix_jax.rl import run_loading
 from rl4pix_jax.tokenizer import load_clip_tokenizer
+from tests.data.test_data_builders import encoded, tfds_tmpdir, write_parquet
 from tests.helpers import tiny_models
 from tests.launch.test_cli_edit import run_cli, tiny_run  # pylint: disable=unused-import
-from tests.data.test_data_builders import encoded, tfds_tmpdir, write_parquet
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")

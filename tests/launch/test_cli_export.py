@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from rl4pix_jax import editing, export
-from rl4pix_jax.rl import run_loading
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.models.clip import CLIPTextConfig
+from rl4pix_jax.rl import run_loading
 from rl4pix_jax.tokenizer import tokenize
 from rl4pix_jax.weights import diffusers_models
 from tests.launch.test_cli_edit import run_cli, tiny_run  # pylint: disable=unused-import

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-import jax
+from tests.helpers.cli import cli_env
 from tests.helpers.paths import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -21,16 +21,9 @@ SMOKE = [
 ]
 
 
-def subprocess_env(tmp_path):
-  """CPU only, temporary files under tmp_path, this session's XLA compilation cache."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path),
-              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
-
-
 def test_run_default_smoke(tmp_path):
   workdir = tmp_path / "shapes"
-  env = subprocess_env(tmp_path)
+  env = cli_env(tmp_path)
   command = [sys.executable, "-m", "launch.run_default", f"--workdir={workdir}",
              "--supervised=train", "--max_eval_examples=4", *SMOKE]
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -66,7 +59,7 @@ def test_run_default_refuses_shipped_stages_of_another_config(tmp_path):
 def test_run_default_with_the_shipped_stages(tmp_path):
   """README's main job with the shipped supervised stages, RL and evaluation cut short."""
   workdir = tmp_path / "shapes"
-  env = subprocess_env(tmp_path)
+  env = cli_env(tmp_path)
   short_rl = ["--config.sampler.num_steps=2", "--config.train.num_epochs=1",
               "--config.train.sample_batch_size=2", "--config.train.samples_per_prompt=1", "--config.train.num_sample_batches=1",
               "--config.train.train_batch_size=2", "--config.data.num_threads=1"]

@@ -10,17 +10,17 @@ import optax
 import pytest
 
 from configs import shapes as shapes_config
-from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.data import shapes_check
+from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.pretrain import clip_training
 from rl4pix_jax.pretrain import data as data_lib
 from rl4pix_jax.pretrain import editor_check
 from rl4pix_jax.pretrain import editor_training
 from rl4pix_jax.pretrain import shipped
-from rl4pix_jax.workdir import layout
-from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.pretrain import training_loop
 from rl4pix_jax.pretrain import vae_training
+from rl4pix_jax.workdir import layout
+from rl4pix_jax.workdir import stages as ckpt
 
 
 def tiny_config(steps: int = 2):

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl4pix_jax.rl import lora
 from rl4pix_jax.models import layers
+from rl4pix_jax.rl import lora
 from tests.helpers import tiny_models
 
 DIM, CONTEXT, TOKENS, TEXT = 16, 8, 6, 5

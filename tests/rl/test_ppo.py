@@ -18,10 +18,10 @@ import optax
 import pytest
 from flax import traverse_util
 
-from rl4pix_jax.rl import lora
-from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
+from rl4pix_jax.rl import lora
+from rl4pix_jax.rl import ppo
 from tests.helpers import tiny_models
 from tests.helpers.paths import REPO_ROOT
 
@@ -324,9 +324,9 @@ import sys, numpy as np, jax, jax.numpy as jnp
 from flax import traverse_util
 sys.path.insert(0, {root!r})
 from rl4pix_jax import parallel
-from rl4pix_jax.rl import ppo
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
+from rl4pix_jax.rl import ppo
 from tests.helpers import tiny_models
 from tests.rl import test_ppo as tp
 assert jax.device_count() == 8, jax.devices()

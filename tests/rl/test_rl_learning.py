@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from configs import shapes as shapes_config
+from rl4pix_jax.pretrain import shipped
 from rl4pix_jax.rl import run_setup
 from rl4pix_jax.rl import trainer
-from rl4pix_jax.pretrain import shipped
 
 
 def learning_config(data_dir: str, epochs: int, learning_rate=None, reward="preservation"):

@@ -5,13 +5,13 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from configs import shapes as shapes_config
 from rl4pix_jax.rl import run_setup
 from rl4pix_jax.workdir import layout
 from tests.helpers import tiny_models
+from tests.helpers.cli import cli_env, tiny_run_flags
 from tests.helpers.paths import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -19,14 +19,7 @@ ROOT = REPO_ROOT
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-TINY_RUN_FLAGS = [
-    "--config.resolution=32", "--config.data.train_size=8", "--config.data.validation_size=4",
-    "--config.data.test_size=4", "--config.sampler.num_steps=2",
-    "--config.sampler.capture_size=16", "--config.train.num_epochs=2",
-    "--config.train.sample_batch_size=2", "--config.train.samples_per_prompt=1", "--config.train.num_sample_batches=1",
-    "--config.train.train_batch_size=2", "--config.train.checkpoint_every=1",
-    "--config.data.num_threads=1",
-]
+TINY_RUN_FLAGS = tiny_run_flags(num_epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +30,16 @@ def pretrained(tmp_path_factory):
   return root
 
 
-def _env(tmp):
-  return dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp),
-              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
-
-
 def test_train_cli_on_a_diffusers_folder_runs_and_resumes(pretrained, tmp_path):
   workdir = tmp_path / "run" / "rl"
   command = [sys.executable, "-m", "launch.train", "--config=configs/shapes.py",
              f"--workdir={workdir}", f"--config.model.pretrained={pretrained / 'ip2p'}",
              f"--config.reward.clip_model={pretrained / 'clip'}", *TINY_RUN_FLAGS]
-  first = subprocess.run(command + ["--stop_after_epochs=1"], cwd=ROOT, env=_env(tmp_path),
+  first = subprocess.run(command + ["--stop_after_epochs=1"], cwd=ROOT, env=cli_env(tmp_path),
                          capture_output=True, text=True, timeout=900)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "optimizer updates per epoch" in first.stdout
-  second = subprocess.run(command, cwd=ROOT, env=_env(tmp_path), capture_output=True,
+  second = subprocess.run(command, cwd=ROOT, env=cli_env(tmp_path), capture_output=True,
                           text=True, timeout=900)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed after epoch 0" in second.stdout

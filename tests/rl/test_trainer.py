@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl4pix_jax.workdir import checkpointer as checkpointing
-from rl4pix_jax.rl import batching, compiled, ppo
-from rl4pix_jax.rl import trainer
 from rl4pix_jax.data import loader
 from rl4pix_jax.rewards import RewardInputs, make_reward_fn
+from rl4pix_jax.rl import batching, compiled, ppo
+from rl4pix_jax.rl import trainer
+from rl4pix_jax.workdir import checkpointer as checkpointing
 from tests.helpers import rl_fixtures
 from tests.helpers.paths import REPO_ROOT
 
