@@ -1,6 +1,6 @@
 """Memory plan of the PPO step for a UNet size: params, AdamW state, activations per sample.
 
-    python -m tools.memory_plan --config=sd15 --num_steps=10
+    python -m benchmarks.memory_plan --config=sd15 --num_steps=10
 
 Nothing is allocated: the parameters and the train state are ``jax.eval_shape`` trees of
 ``ShapeDtypeStruct`` for the real shapes, and the PPO train step (``ppo.make_train_step``: one
