@@ -22,10 +22,10 @@ turn from the previous turn's edit, and scores the final turn of each session
 printed under single-turn tables only.
 """
 
-import os
+import dataclasses
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder written by launch.train.")
@@ -65,165 +65,17 @@ def _fail(message: str) -> int:
   return 2
 
 
-_MAGICBRUSH_DATA_HINT = (" Build MagicBrush from its parquet shards first: `python -m "
-                         "launch.prepare_data --dataset=magicbrush --data_dir=DIR "
-                         "--magicbrush_dir=PARQUET_DIR`, then pass --data_dir=DIR.")
-
-
-def _shapes_clip(run, clip_folder):
-  """(text model, vision model, {"text", "vision"} params) for the shapes CLIP-T."""
-  from rl4pix_jax.weights import transformers_clip  # pylint: disable=import-outside-toplevel
-  if clip_folder:
-    return transformers_clip.load_clip_models(clip_folder)
-  if run is None or run.setup.clip_params is None:
-    raise ValueError("The shapes CLIP-T needs a CLIP: pass --clip_model=<CLIPModel folder> "
-                     "(the run has no reward CLIP).")
-  return run.setup.clip_text_model, run.setup.clip_vision_model, run.setup.clip_params
-
-
-def main(argv):  # pylint: disable=too-many-locals,too-many-return-statements,too-many-branches
+def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # pylint: disable=import-outside-toplevel
-  import functools
-
-  from rl4pix_jax import evaluation
-  from rl4pix_jax.rl import run_loading
-  from rl4pix_jax.rl import run_setup
-  from rl4pix_jax.data import loader
-  from rl4pix_jax.metrics import image_metrics, shapes_metrics
-  if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
-    return _fail("pass exactly one of --workdir=<run folder> or --pretrained=<diffusers "
-                 "folder or hub id>.")
-  run = config = None
-  if FLAGS.workdir:
-    try:
-      config = run_loading.read_run_config(FLAGS.workdir)
-    except run_loading.RunLoadingError as e:
-      return _fail(str(e))
-  dataset = FLAGS.dataset or (config.data.dataset if config else None)
-  if dataset is None:
-    return _fail("--dataset=<shapes_edit|magicbrush> is needed with --pretrained.")
-  multi_turn = FLAGS.setting == "multi_turn"
-  if dataset == "shapes_edit" and multi_turn:
-    return _fail("--setting=multi_turn is a MagicBrush setting; shapes_edit is single-turn.")
-  if dataset == "magicbrush" and not (FLAGS.clip_model and FLAGS.dino_model):
-    return _fail("MagicBrush metrics need --clip_model=<CLIP ViT-B/32 folder, e.g. "
-                 "openai/clip-vit-base-patch32> and --dino_model=<DINO ViT-S/16 folder, "
-                 "e.g. facebook/dino-vits16>.")
-  if FLAGS.max_examples is not None and FLAGS.max_examples < 1:
-    return _fail(f"--max_examples={FLAGS.max_examples}: pass a positive number (or leave "
-                 "it out to evaluate the whole split).")
+  from rl4pix_jax import evaluation  # pylint: disable=import-outside-toplevel
+  request = evaluation.EvaluationRequest(**{
+      field.name: FLAGS[field.name].value
+      for field in dataclasses.fields(evaluation.EvaluationRequest)})
   try:
-    if FLAGS.data_dir:
-      dataset_dir = loader.find_dataset_dir(FLAGS.data_dir, dataset, FLAGS.dataset_config)
-    elif config is not None and dataset == config.data.dataset:
-      dataset_dir = run_setup.prepare_dataset(config, FLAGS.workdir)
-    else:
-      return _fail(f"--data_dir=<tfds data_dir holding {dataset}> is needed."
-                   + (_MAGICBRUSH_DATA_HINT if dataset == "magicbrush" else ""))
-  except ValueError as e:
-    hint = ""
-    if "several" in str(e):
-      hint = " Choose one with --dataset_config=<name>."
-    elif dataset == "magicbrush" and "No prepared" in str(e):
-      hint = _MAGICBRUSH_DATA_HINT
-    return _fail(str(e) + hint)
-  try:
-    resolution = FLAGS.resolution or (config.resolution if config else 512)
-    examples = evaluation.load_examples(dataset_dir, FLAGS.split, resolution,
-                                        FLAGS.max_examples, multi_turn=multi_turn)
-  except ValueError as e:
-    hint = ""
-    if (dataset == "magicbrush" and FLAGS.split == "test"
-        and f"Split {FLAGS.split!r} not in" in str(e)):
-      hint = (" MagicBrush's test set is not among the hub's parquet shards (it is a "
-              "separate zip): evaluate --split=validation (the dev set), or put test-*.parquet "
-              "shards with the same columns in --magicbrush_dir and rebuild.")
-    return _fail(str(e) + hint)
-  models = None
-  if dataset == "magicbrush":
-    try:
-      models = evaluation.load_magicbrush_models(FLAGS.clip_model, FLAGS.dino_model)
-    except (ValueError, OSError) as e:
-      return _fail(str(e))
-  try:
-    if FLAGS.workdir:
-      run = run_loading.load_run(FLAGS.workdir, FLAGS.step,
-                                 use_rl=False if FLAGS.no_rl else None)
-      editors = [(f"RL epoch {run.epoch}" if run.epoch is not None else "no RL", run.editor)]
-      if FLAGS.compare_no_rl and run.epoch is not None:
-        editors.insert(0, ("no RL (starting editor)", run.starting_editor()))
-    else:
-      editors = [(FLAGS.pretrained, run_loading.load_pretrained_editor(FLAGS.pretrained))]
-  except (run_loading.RunLoadingError, ValueError, OSError) as e:
-    flag = f"--workdir={FLAGS.workdir}" if FLAGS.workdir else f"--pretrained={FLAGS.pretrained}"
-    return _fail(f"{flag}: {e}")
-  sampler = config.sampler if config else {}
-  settings = evaluation.SamplerSettings(
-      num_steps=FLAGS.steps or sampler.get("num_steps", 20),
-      guidance_scale=(FLAGS.guidance_scale if FLAGS.guidance_scale is not None
-                      else sampler.get("guidance_scale", 7.5)),
-      image_guidance_scale=(FLAGS.image_guidance_scale if FLAGS.image_guidance_scale
-                            is not None else sampler.get("image_guidance_scale", 1.5)),
-      eta=FLAGS.eta, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
-  tokenizer = editors[0][1].tokenizer
-  notes = []
-  clip_t_text = "target_caption"
-  if dataset == "shapes_edit":
-    try:
-      text_model, vision_model, clip_params = _shapes_clip(run, FLAGS.clip_model)
-    except ValueError as e:
-      return _fail(str(e))
-    keys = list(shapes_metrics.SHAPES_METRICS)
-    score = functools.partial(evaluation.shapes_per_example, tokenizer=tokenizer,
-                              clip_text=text_model, clip_vision=vision_model,
-                              clip_params=clip_params, batch_size=FLAGS.batch_size)
-    reference = []
-  else:
-    keys = list(image_metrics.MAGICBRUSH_METRICS)
-    score = lambda ex, ed, _maps: evaluation.magicbrush_per_example(  # noqa: E731
-        ex, ed, models, tokenizer, FLAGS.batch_size)
-    if FLAGS.setting == image_metrics.MAGICBRUSH_REFERENCE_SETTING:
-      reference = image_metrics.reference_markdown_rows(keys)
-    else:
-      reference = []
-      notes.append("The paper's reference rows are single-turn numbers; they are not shown "
-                   "under a multi-turn table.")
-    if all(e["target_caption"] == e["instruction"] for e in examples):
-      clip_t_text = "instruction"
-      notes.append("CLIP-T compares each edit with its instruction: the data has no target "
-                   "captions (MagicBrush's protocol uses the local caption of each target; "
-                   "the hub's parquet shards have none).")
-      logging.warning("No target captions in %s/%s: CLIP-T uses the instructions.",
-                      dataset, FLAGS.split)
-    else:
-      clip_t_text = "target_caption"
-  results = []
-  for name, editor in editors:
-    logging.info("Evaluating %s on %d examples of %s/%s (%s).", name, len(examples), dataset,
-                 FLAGS.split, FLAGS.setting)
-    results.append(evaluation.evaluate(name, editor, examples, settings, score, keys,
-                                       multi_turn=multi_turn))
-  output = FLAGS.output or os.path.join(FLAGS.workdir or ".", "eval",
-                                        f"{dataset}_{FLAGS.split}_{FLAGS.setting}")
-  if multi_turn:
-    notes.append(f"multi_turn: {len(results[0].scored_indices)} sessions edited turn by turn "
-                 f"({len(examples)} edits, each turn from the previous turn's edit); the "
-                 "scores are those of each session's final turn.")
-  metadata = {"workdir": FLAGS.workdir, "pretrained": FLAGS.pretrained,
-              "rl_epoch": run.epoch if run else None, "dataset": dataset,
-              "split": FLAGS.split, "setting": FLAGS.setting, "resolution": resolution,
-              "num_examples": len(results[0].scored_indices), "num_edits": len(examples),
-              "scored": "final turn of each session" if multi_turn else "every example",
-              "sampler": settings.__dict__,
-              "reference": image_metrics.MAGICBRUSH_REFERENCE if reference else None,
-              "reference_setting": (image_metrics.MAGICBRUSH_REFERENCE_SETTING if reference
-                                    else None),
-              "clip_t_text": clip_t_text if dataset == "magicbrush" else "target_caption"}
-  paths = evaluation.write_reports(results, examples, keys, output, metadata, reference,
-                                   notes=notes, save_edited=FLAGS.save_edits,
-                                   magicbrush_layout=dataset == "magicbrush")
+    paths = evaluation.run_evaluation(request)
+  except evaluation.EvaluationError as e:
+    return _fail(str(e))
   with open(paths["markdown"], encoding="utf-8") as f:
     print(f.read())
   print(f"Wrote {', '.join(paths.values())}")

@@ -8,6 +8,7 @@ Modules:
   scoring   editing with shared seeds, per-example metrics, summaries with 95% CIs, and the
             MagicBrush metric models
   reports   markdown table, figures, saved edits, the JSON report
+  request   an evaluation as launch.evaluate asks for it (checks, data, editors, reports)
 
 The names below are the package's API (``from rl4pix_jax import evaluation``).
 """
@@ -17,6 +18,7 @@ from rl4pix_jax.evaluation.examples import (final_turn_indices, load_examples, s
 from rl4pix_jax.evaluation.reports import (FIGURE_EXAMPLES, comparison_figure, edit_file_name,
                                            example_figure, markdown_table, save_edits,
                                            write_reports)
+from rl4pix_jax.evaluation.request import EvaluationError, EvaluationRequest, run_evaluation
 from rl4pix_jax.evaluation.scoring import (DATASETS, SETTINGS, EvaluationResult,
                                            SamplerSettings, edit_examples, evaluate,
                                            load_magicbrush_models, magicbrush_per_example,
