@@ -93,11 +93,12 @@ def install_shipped(workdir: str, overrides: List[str]) -> float:
   # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags
   from rl4pix_jax.pretrain import shipped
+  from rl4pix_jax.workdir import layout
   began = time.perf_counter()
   holder = flags.FlagValues()
   config_flags.DEFINE_config_file("config", FLAGS.config, flag_values=holder)
   holder(["run_default", *overrides])  # the config file with the stages' --config.* overrides
-  root = FLAGS.shipped_dir or shipped.SHIPPED_DIR
+  root = FLAGS.shipped_dir or layout.SHIPPED_EDITOR_DIR
   for stage in ("vae", "clip", "unet"):
     try:
       copied = shipped.install_stage(root, workdir, stage, holder.config)

@@ -20,7 +20,7 @@ from rl4pix_jax.workdir import layout
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py",
                                           "Config the run was trained with.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run whose stages to ship.", required=True)
-_OUTPUT = flags.DEFINE_string("output", shipped.SHIPPED_DIR, "Shipped stages folder.")
+_OUTPUT = flags.DEFINE_string("output", layout.SHIPPED_EDITOR_DIR, "Shipped stages folder.")
 
 
 def folder_size(path: str) -> int:

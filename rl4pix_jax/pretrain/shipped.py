@@ -25,7 +25,6 @@ from rl4pix_jax.workdir import layout
 from rl4pix_jax.workdir import stages as ckpt
 from rl4pix_jax.workdir.checkpointer import Checkpointer
 
-SHIPPED_DIR = layout.SHIPPED_EDITOR_DIR
 FINGERPRINT_KEY = "config_fingerprint"
 # Config fields each stage's result depends on (a stage also depends on the ones it reads).
 _COMMON = ("seed", "resolution", "data.dataset", "data.train_size", "data.validation_size",
@@ -87,7 +86,7 @@ def export_stage(workdir: str, stage: str, config: ml_collections.ConfigDict,
     workdir: a run whose ``stage`` is complete (trained with ``config``).
     stage: "vae", "clip" or "unet".
     config: the run's config (its fingerprint is stored in model_config.json's metadata).
-    destination_root: e.g. ``SHIPPED_DIR``; an existing ``<stage>`` folder there is replaced.
+    destination_root: e.g. ``layout.SHIPPED_EDITOR_DIR``; an existing ``<stage>`` folder there is replaced.
   Returns:
     The written stage folder.
   """

@@ -72,11 +72,11 @@ def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLS
     return RLSetup(models, params, tokenizer, text_model, vision_model, clip_params)
   # pylint: disable=import-outside-toplevel
   from rl4pix_jax.pretrain import clip_training
-  from rl4pix_jax.workdir import stages as stage_checkpoint
+  from rl4pix_jax.workdir import stages
   root = layout.stages_dir(config, workdir)
-  vae_params, vae_meta = stage_checkpoint.latest_stage_params(root, "vae")
-  clip_params, clip_meta = stage_checkpoint.latest_stage_params(root, "clip")
-  unet_params, unet_meta = stage_checkpoint.latest_stage_params(root, "unet")
+  vae_params, vae_meta = stages.latest_stage_params(root, "vae")
+  clip_params, clip_meta = stages.latest_stage_params(root, "clip")
+  unet_params, unet_meta = stages.latest_stage_params(root, "unet")
   text_model, vision_model = clip_training.make_clip(clip_meta["models"]["clip"])
   models = pipeline.build_models(
       UNetConfig.from_dict(dict(unet_meta["models"]["unet"])),

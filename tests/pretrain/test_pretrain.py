@@ -367,13 +367,13 @@ def test_repository_ships_stages_of_the_default_config():
   """The shipped checkpoints match configs/shapes.py and the models it builds."""
   config = shapes_config.get_config()
   for stage in layout.STAGES:
-    folder = layout.stage_dir(shipped.SHIPPED_DIR, stage)
+    folder = layout.stage_dir(layout.SHIPPED_EDITOR_DIR, stage)
     size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(folder) for n in ns)
     assert 0 < size <= 20 * 2**20, (stage, size)
-    model_config = ckpt.read_model_config(shipped.SHIPPED_DIR, stage)
+    model_config = ckpt.read_model_config(layout.SHIPPED_EDITOR_DIR, stage)
     assert not shipped.fingerprint_differences(
         model_config["metadata"][shipped.FINGERPRINT_KEY], shipped.stage_fingerprint(config, stage))
-  params, model_config = ckpt.latest_stage_params(shipped.SHIPPED_DIR, "unet")
+  params, model_config = ckpt.latest_stage_params(layout.SHIPPED_EDITOR_DIR, "unet")
   unet = editor_training.make_unet(config.model.unet)
   expected = jax.eval_shape(lambda: unet.init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 8)), jnp.zeros((1,), jnp.int32),

@@ -24,14 +24,14 @@ import numpy as np
 import pytest
 
 from configs import shapes as shapes_config
-from rl4pix_jax.pretrain import shipped
 from rl4pix_jax.rl import run_setup
 from rl4pix_jax.rl import trainer
+from rl4pix_jax.workdir import layout
 
 
 def learning_config(data_dir: str, epochs: int, learning_rate=None, reward="preservation"):
   config = shapes_config.get_config("rl")
-  config.model.stages_dir = shipped.SHIPPED_DIR
+  config.model.stages_dir = layout.SHIPPED_EDITOR_DIR
   config.data.data_dir = data_dir
   config.data.train_size, config.data.validation_size, config.data.test_size = 4, 2, 2
   config.data.num_threads = 1
