@@ -104,8 +104,14 @@ def test_timestep_embedding_matches_diffusers():
   for dim, flip, shift in ((32, True, 0), (33, False, 1)):
     ours = layers.timestep_embedding(jnp.asarray(t), dim, flip, shift)
     ref = get_timestep_embedding(torch.from_numpy(t), dim, flip, shift).numpy()
-    # angles reach 999 rad, where one float32 ulp is 6e-5: exp() rounding differs by an ulp
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
+    # Angles t * freq reach 999 rad, where one float32 ulp is 6.1e-5, and sin/cos pass an
+    # angle's absolute error through: our exp() and torch's may differ by an ulp of freq
+    # (x 999: up to 6e-5), or of its exponent (up to 999 x max_a a e^-a x 1.2e-7 = 4.4e-5),
+    # and the product t * freq may round the other way (one more ulp, 6.1e-5): 3 ulps of
+    # the largest angle, 1.8e-4 (the old 1e-4 was under that). Measured 2.8e-5 (AMD EPYC). A
+    # real bug (a wrong shift, flip or period, an off-by-one i) moves angles by O(1) at t=999.
+    np.testing.assert_allclose(np.asarray(ours), ref,
+                               atol=3 * float(np.spacing(np.float32(t.max()))))
 
 
 def test_config_from_diffusers_reads_heads_and_round_trips(tiny):
@@ -347,7 +353,11 @@ def test_token_attention_maps_selects_masks_and_averages_heads():
   maps = np.asarray(attention_ops.token_attention_maps(jnp.asarray(probs), jnp.asarray(index),
                                                 jnp.asarray(mask), (2, 3)))
   expected = np.stack([probs[b].mean(0)[:, index[b]] * mask[b] for b in range(2)])
-  np.testing.assert_allclose(maps, expected.reshape(2, 2, 3, 2), atol=1e-7)
+  # A 3-head mean of values <= 1 in JAX and in numpy: two adds and a division each side, so
+  # up to 6 roundings of 6e-8 relative (3.6e-7). Measured 6.0e-8 (1 ulp at 0.73; AMD EPYC),
+  # which the old atol=1e-7 (< 2 ulps there) only just allowed. A real bug (a wrong token
+  # or head, the mask not applied) is O(0.1).
+  np.testing.assert_allclose(maps, expected.reshape(2, 2, 3, 2), rtol=1e-6, atol=0)
   with pytest.raises(ValueError, match="does not match 6 query positions"):
     attention_ops.token_attention_maps(jnp.asarray(probs), jnp.asarray(index), None, (3, 3))
 

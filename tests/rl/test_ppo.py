@@ -385,15 +385,19 @@ def test_one_device_equals_eight_devices(setup, tmp_path):
   # Not bitwise: the sharded program reduces the batch and the fsdp-split kernels in another
   # order, and the log-prob gradient amplifies float32 rounding (see the reference test).
   # Per-device batch 1 also makes XLA:CPU pick other convolution kernels (see
-  # test_sampling). Measured: relative L2 difference 2.0e-4, max |diff| 2.6e-4 of the largest
-  # entry (two 1-device programs, scan vs per-step reference: 2.6e-5). A wrong cross-device
+  # test_sampling), so how large the rounding is depends on the host's kernels. The bound:
+  # the UNet's rounding (~1e-6 of its output) times the guidance (up to 19x, see
+  # test_sampling) and the latents' scale (~3), divided by sigma_t (0.04 at the last step)
+  # in d logp / d eps, is ~1.4e-3 of the gradient's scale, over the old 1e-3; so 1e-2.
+  # Measured: relative L2 difference 2.0e-4, max |diff| 2.6e-4 of the largest entry (AMD
+  # EPYC; two 1-device programs, scan vs per-step reference: 2.6e-5). A wrong cross-device
   # reduction (a sum instead of a mean, or one shard's samples missing) is >= 1e-1.
   one, eight = result["one"], result["eight"]
   relative = np.linalg.norm(eight - one) / np.linalg.norm(one)
   print(f"\n8 vs 1 device gradient: relative L2 difference {relative:.2e}, max |diff| "
         f"{np.abs(eight - one).max() / np.abs(one).max():.2e} of the largest entry")
-  assert relative < 1e-3
-  np.testing.assert_allclose(eight, one, rtol=1e-3, atol=1e-3 * np.abs(one).max())
+  assert relative < 1e-2
+  np.testing.assert_allclose(eight, one, rtol=1e-3, atol=1e-2 * np.abs(one).max())
 
 
 def test_batch_that_does_not_fit_the_sampler_is_named(setup):

@@ -267,14 +267,19 @@ def test_two_processes_match_one_process_and_restore_in_one(runs):
   # params by ~lr = 1e-2.
   assert diff <= 1e-5 * scale
   assert two_host["epoch"] == one_host["epoch"] == 0
-  # Rewards agree to float32 rounding (one measured 2.4e-7 relative apart), not bitwise.
+  # Rewards agree to float32 rounding, not bitwise: the 2-process sampler runs 2 samples per
+  # device, the 1-process one 4, and XLA:CPU picks other convolution kernels per batch size
+  # (tests/test_sampling.py: latents 1e-5 relative apart for 8 vs 1 per device); the rewards
+  # are smooth functions of those latents and maps. Measured 2.4e-7 relative (AMD EPYC); the
+  # bound is the 8-device test's 1e-4 (the old 1e-5 rested on one host's kernels). A real bug
+  # (a process scoring another's prompts, a shard's rewards dropped or doubled) is >= 1e-2.
   two_buffers, one_buffers = two_host["tracker"]["buffers"], one_host["tracker"]["buffers"]
   assert sorted(two_buffers) == sorted(one_buffers)
   for key, values in two_buffers.items():
-    np.testing.assert_allclose(values, one_buffers[key], rtol=1e-5)
+    np.testing.assert_allclose(values, one_buffers[key], rtol=1e-4)
   m2, m1 = _metrics(runs["two_processes"]), _metrics(runs["one_process"])
   assert [m["epoch"] for m in m2] == [0]  # process 0 wrote metrics once
-  np.testing.assert_allclose(m2[0]["reward_mean"], m1[0]["reward_mean"], rtol=1e-5)
+  np.testing.assert_allclose(m2[0]["reward_mean"], m1[0]["reward_mean"], rtol=1e-4)
   assert m2[0]["optimizer_steps"] == 2
   assert os.path.exists(os.path.join(runs["two_processes"], "samples", "epoch_0000.png"))
 
