@@ -39,6 +39,24 @@ flags.DEFINE_float("guidance_scale", None, "Text guidance (default: the run's, o
 flags.DEFINE_float("image_guidance_scale", None, "Image guidance (default: run's, or 1.5).")
 flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic sampler).")
 flags.DEFINE_integer("batch_size", 8, "Images per compiled call.")
+flags.DEFINE_string("size", None, "Working size HxW (e.g. 64x64) to edit at instead of the "
+                    "editor's: its training resolution for a run of the shapes default, each "
+                    "side rounded down to a multiple of 64 for Stable Diffusion. Results are "
+                    "always resized back to each input's own size.")
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+  """``"HxW"`` or ``"S"`` -> (H, W) pixels; ValueError naming the flag otherwise."""
+  parts = text.lower().split("x")
+  try:
+    size = tuple(int(p) for p in parts)
+  except ValueError:
+    size = ()
+  if len(size) == 1:
+    size = size * 2
+  if len(size) != 2 or min(size) < 1:
+    raise ValueError(f"--size={text!r}: expected HxW in pixels, e.g. --size=64x64.")
+  return size
 
 
 def list_images(path: str) -> List[str]:
@@ -67,11 +85,10 @@ def _fail(message: str) -> int:
 def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import numpy as np  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  from rl4pix_jax import visualize  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax import editing, visualize  # pylint: disable=import-outside-toplevel
   from rl4pix_jax.rl import run_loading  # pylint: disable=import-outside-toplevel
   if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
     return _fail("pass exactly one of --workdir=<run folder> or --pretrained=<diffusers "
@@ -87,6 +104,10 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
   inputs = list_images(FLAGS.image)
   if not inputs:
     return _fail(f"No images ({', '.join(IMAGE_SUFFIXES)}) in the folder {FLAGS.image!r}.")
+  try:
+    size = parse_size(FLAGS.size) if FLAGS.size else None
+  except ValueError as e:
+    return _fail(str(e))
   single_file = not os.path.isdir(FLAGS.image) and FLAGS.output.lower().endswith(".png")
   sampler = {"num_steps": 20, "guidance_scale": 7.5, "image_guidance_scale": 1.5}
   try:
@@ -108,7 +129,7 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
   for path in inputs:
     try:
       with Image.open(path) as im:
-        images.append(np.asarray(im.convert("RGB")))
+        images.append(editing.to_uint8_rgb(im))  # 16-bit scaled, alpha over white
       readable.append(path)
     except (OSError, ValueError) as e:
       failures.append(f"{path}: cannot read the image ({e})")
@@ -131,7 +152,7 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
             guidance_scale=sampler["guidance_scale"],
             image_guidance_scale=sampler["image_guidance_scale"], eta=FLAGS.eta,
             object_phrases=[FLAGS.object] * len(chunk) if FLAGS.attention else None,
-            batch_size=batch)
+            size=size, batch_size=batch)
       except ValueError as e:
         for i in chunk:
           failures.append(f"{readable[i]}: {e}")

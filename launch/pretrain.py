@@ -53,6 +53,7 @@ def main(argv):
     results = editor_check.evaluate_editor_quickly(config, _WORKDIR.value,
                                                    num_examples=_QUICK_CHECK.value,
                                                    grid_path=_GRID.value or None)
+    results.pop("per_example")
     print(json.dumps(results, indent=2))
 
 

@@ -1,10 +1,16 @@
 """User-level editing: images + instructions -> edited images (and target-token attention).
 
-Image size rule: an image of H x W pixels is resized (Lanczos) to H' x W' where each side is
-rounded *down* to a multiple of ``EditorModels.vae_downscale * 2**num_downsamplers`` (64 for
-Stable Diffusion: 8 pixels per latent cell, and the UNet halves the latent grid 3 times),
-unless ``size=(H, W)`` is given, which is used for every image. Images of equal size are
-edited as one batch. Outputs keep the working size.
+Image size rule (one rule, here): each image is edited at a *working size* and the result is
+resized back (Lanczos) to the image's own size, so an edit never crops. The working size is
+
+* ``size=(H, W)`` when given (each side a multiple of ``size_multiple``), else
+* the editor's training resolution R x R when it has one (``Editor(resolution=R)``: the tiny
+  shapes editors only know the size they were trained at; a run's ``config.resolution``), else
+* the image's size with each side rounded *down* to a multiple of ``size_multiple`` (64 for
+  Stable Diffusion: 8 pixels per latent cell, and the UNet halves the latent grid 3 times).
+
+Whenever the working size differs from an image's size, one warning line says so. Images of
+equal working size are edited as one batch.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from rl4pix_jax import pipeline
@@ -39,13 +46,43 @@ def working_size(height: int, width: int, multiple: int) -> Tuple[int, int]:
   return new
 
 
-def to_uint8_rgb(image: ImageLike) -> np.ndarray:
-  """(H, W, 3) uint8 from a PIL image or an array (grey, RGB or RGBA; uint8 or [0,1] float)."""
-  if isinstance(image, Image.Image):
-    return np.asarray(image.convert("RGB"))
-  array = np.asarray(image)
-  if array.dtype != np.uint8:
-    if array.min() < 0 or array.max() > 1:
+BACKGROUND_RGB = (255, 255, 255)  # what transparent pixels are composited on (white)
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray, background) -> np.ndarray:
+  """(H, W, 3) uint8: ``rgb`` over ``background`` with ``alpha`` (H, W) in [0, 1]."""
+  alpha = alpha[..., None]
+  out = rgb.astype(np.float32) * alpha + np.asarray(background, np.float32) * (1 - alpha)
+  return np.round(out).astype(np.uint8)
+
+
+def _pil_to_array(image: Image.Image) -> np.ndarray:
+  """A PIL image of any mode as (H, W) / (H, W, 3) / (H, W, 4) uint8 (alpha kept)."""
+  mode = image.mode
+  if mode.startswith("I;16") or mode in ("I", "F"):  # 16-bit PNGs open as I;16 or I
+    values = np.asarray(image, np.float64)
+    top = 1.0 if mode == "F" and values.max() <= 1.0 else (
+        255.0 if values.max() <= 255 else 65535.0 if values.max() <= 65535 else values.max())
+    return np.round(np.clip(values, 0, top) / top * 255).astype(np.uint8)
+  if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+    return np.asarray(image.convert("RGBA"))
+  return np.asarray(image.convert("RGB"))  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
+
+
+def to_uint8_rgb(image: ImageLike, background=BACKGROUND_RGB) -> np.ndarray:
+  """(H, W, 3) uint8 from a PIL image or an array.
+
+  PIL images of every mode are converted by their meaning: 16-bit (I;16, I) scaled from
+  0..65535, palette and CMYK through PIL, and an alpha channel (RGBA, LA, PA, palette with
+  transparency) composited over ``background`` (white by default) rather than dropped.
+  Arrays: (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA; uint8, uint16 (0..65535) or float
+  in [0, 1].
+  """
+  array = _pil_to_array(image) if isinstance(image, Image.Image) else np.asarray(image)
+  if array.dtype == np.uint16:
+    array = np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
+  elif array.dtype != np.uint8:
+    if not np.issubdtype(array.dtype, np.number) or array.min() < 0 or array.max() > 1:
       raise ValueError(f"Float images must be in [0, 1]; got range [{array.min()}, "
                        f"{array.max()}].")
     array = np.round(array * 255).astype(np.uint8)
@@ -54,21 +91,45 @@ def to_uint8_rgb(image: ImageLike) -> np.ndarray:
   if array.ndim != 3 or array.shape[-1] not in (3, 4):
     raise ValueError(f"Image array has shape {array.shape}; expected (H, W), (H, W, 3) or "
                      "(H, W, 4).")
-  return array[..., :3]
+  if array.shape[-1] == 4:
+    return _composite(array[..., :3], array[..., 3].astype(np.float32) / 255.0, background)
+  return array
+
+
+def resize_uint8(pixels: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """(H, W, 3) uint8 ``pixels`` resized (Lanczos) to ``size`` = (H', W'); as is when equal."""
+  if pixels.shape[:2] == tuple(size):
+    return pixels
+  return np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), Image.LANCZOS))
 
 
 def prepare_image(image: ImageLike, size: Tuple[int, int]) -> np.ndarray:
   """(H, W, 3) float32 in [-1, 1] at ``size`` = (H, W)."""
-  pixels = to_uint8_rgb(image)
-  if pixels.shape[:2] != tuple(size):
-    pixels = np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), Image.LANCZOS))
-  return pixels.astype(np.float32) / 127.5 - 1.0
+  return resize_uint8(to_uint8_rgb(image), size).astype(np.float32) / 127.5 - 1.0
+
+
+def editing_size(height: int, width: int, multiple: int,
+                 size: Optional[Tuple[int, int]] = None,
+                 resolution: Optional[int] = None) -> Tuple[int, int]:
+  """The working size of an H x W image (the module's rule).
+
+  Raises:
+    ValueError: ``size`` is not a multiple of ``multiple``, or the image is smaller than it.
+  """
+  if size is not None:
+    size = (int(size[0]), int(size[1]))
+    if size != working_size(size[0], size[1], multiple):
+      raise ValueError(f"size={size} is not a multiple of {multiple}.")
+    return size
+  if resolution:
+    return (int(resolution), int(resolution))
+  return working_size(height, width, multiple)
 
 
 @dataclasses.dataclass
 class EditResult:
-  """Edited images (H', W', 3) uint8, and per image the (r, r) float32 target-token map
-  averaged over steps (None unless object phrases were given)."""
+  """Edited images (H, W, 3) uint8 at each input's own size, and per image the (r, r) float32
+  target-token map averaged over steps (None unless object phrases were given)."""
   images: List[np.ndarray]
   attention_maps: List[Optional[np.ndarray]]
 
@@ -100,12 +161,15 @@ class Editor:
 
   def __init__(self, models: pipeline.EditorModels, params: pipeline.EditorParams,
                tokenizer: Any, max_object_tokens: int = 8,
-               capture_size: Optional[int] = None):
+               capture_size: Optional[int] = None, resolution: Optional[int] = None):
+    """``resolution``: the side (pixels) the editor was trained at, when it only knows that
+    size (the shapes editors); None edits at each image's rounded size (see the module)."""
     self.models = models
     self.params = params
     self.tokenizer = tokenizer
     self.max_object_tokens = max_object_tokens
     self.capture_size = capture_size
+    self.resolution = resolution
 
   def edit(self, images: Sequence[ImageLike], instructions: Sequence[str], *, seed: int = 0,
            num_steps: int = 20, guidance_scale: float = 7.5,
@@ -122,7 +186,7 @@ class Editor:
       num_steps, guidance_scale, image_guidance_scale, eta: sampler options.
       object_phrases: per image, the words of its instruction whose cross-attention map to
         return (e.g. "red circle"); None returns no maps.
-      size: (H, W) for every image; default: the module's rounding rule.
+      size: (H, W) working size for every image; default: the module's rule.
       batch_size: images per compiled call.
     Returns:
       ``EditResult`` in input order.
@@ -132,15 +196,15 @@ class Editor:
     if object_phrases is not None and len(object_phrases) != len(images):
       raise ValueError(f"Got {len(object_phrases)} object phrases for {len(images)} images.")
     multiple = size_multiple(self.models)
-    sizes = []
-    for image in images:
-      if size is not None:
-        sizes.append(working_size(size[0], size[1], multiple))
-        if tuple(size) != sizes[-1]:
-          raise ValueError(f"size={tuple(size)} is not a multiple of {multiple}.")
-      else:
-        height, width = to_uint8_rgb(image).shape[:2]
-        sizes.append(working_size(height, width, multiple))
+    input_sizes = [to_uint8_rgb(image).shape[:2] for image in images]
+    sizes = [editing_size(h, w, multiple, size, self.resolution) for h, w in input_sizes]
+    for (height, width), working in sorted(set(zip(input_sizes, sizes))):
+      if (height, width) != working:
+        reason = ("as asked (size=)" if size is not None else
+                  "the editor's training resolution" if self.resolution else
+                  f"sides rounded down to a multiple of {multiple}")
+        logging.warning("Editing a %dx%d image at %dx%d (%s); the result is resized back to "
+                        "%dx%d.", width, height, working[1], working[0], reason, width, height)
     record = object_phrases is not None
     base_key = jax.random.PRNGKey(seed)
     guidance = sampling.Guidance(jnp.float32(guidance_scale), jnp.float32(image_guidance_scale))
@@ -161,7 +225,8 @@ class Editor:
         edited, maps = self._edit_chunk(chunk, images, instructions, object_phrases,
                                         group_size, config, base_key, guidance)
         for j, i in enumerate(chunk):
-          out_images[i] = np.round(np.asarray(edited[j]) * 255).astype(np.uint8)
+          out_images[i] = resize_uint8(np.round(np.asarray(edited[j]) * 255).astype(np.uint8),
+                                       input_sizes[i])
           out_maps[i] = None if maps is None else np.asarray(maps[j])
     return EditResult(images=out_images, attention_maps=out_maps)
 

@@ -97,6 +97,59 @@ def test_size_rule_and_bad_inputs(editor):
     editing.to_uint8_rgb(np.full((4, 4, 3), 2.0, np.float32))
 
 
+def test_every_image_mode_is_converted_by_its_meaning(tmp_path):
+  ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000 of 65535
+  Image.fromarray(ramp).save(tmp_path / "grey16.png")
+  with Image.open(tmp_path / "grey16.png") as im:
+    assert im.mode.startswith("I")
+    grey = editing.to_uint8_rgb(im)
+  np.testing.assert_array_equal(grey[..., 0], np.round(ramp / 257.0).astype(np.uint8))
+  np.testing.assert_array_equal(editing.to_uint8_rgb(ramp), grey)  # a uint16 array alike
+  rgba = np.zeros((2, 2, 4), np.uint8)
+  rgba[0, 0] = (200, 10, 10, 255)  # opaque red
+  rgba[0, 1] = (0, 0, 0, 0)  # fully transparent: the white background, not black
+  rgba[1, 0] = (0, 0, 0, 128)  # half-transparent black
+  for image in (rgba, Image.fromarray(rgba, "RGBA")):
+    out = editing.to_uint8_rgb(image)
+    assert tuple(out[0, 0]) == (200, 10, 10) and tuple(out[0, 1]) == (255, 255, 255)
+    assert tuple(out[1, 0]) == (127, 127, 127)
+  la = Image.fromarray(np.stack([np.full((2, 2), 0, np.uint8), np.zeros((2, 2), np.uint8)],
+                                axis=-1), "LA")
+  assert (editing.to_uint8_rgb(la) == 255).all()  # transparent grey -> background
+  cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))  # pure red in CMYK
+  np.testing.assert_array_equal(editing.to_uint8_rgb(cmyk)[0, 0], (255, 0, 0))
+  palette = Image.new("P", (2, 2), 0)
+  palette.putpalette([0, 0, 255] + [0] * 765)
+  np.testing.assert_array_equal(editing.to_uint8_rgb(palette)[0, 0], (0, 0, 255))
+
+
+def test_working_size_rule():
+  assert editing.editing_size(300, 200, 4) == (300, 200)  # multiples of 4: as is
+  assert editing.editing_size(35, 42, 4) == (32, 40)  # rounded down
+  assert editing.editing_size(300, 200, 4, resolution=32) == (32, 32)  # trained size wins
+  assert editing.editing_size(300, 200, 4, size=(16, 24), resolution=32) == (16, 24)
+  with pytest.raises(ValueError, match="multiple of 4"):
+    editing.editing_size(32, 32, 4, size=(30, 32))
+
+
+def test_other_sizes_are_edited_at_the_training_resolution_and_come_back_whole(editor, caplog):
+  models, params, tokenizer = editor
+  ed = editing.Editor(models, params, tokenizer, resolution=32)
+  rng = np.random.default_rng(1)
+  square = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  wide = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)  # 300 wide, 200 high
+  with caplog.at_level("WARNING"):
+    result = ed.edit([square, wide], PROMPTS, seed=0, num_steps=1)
+  assert [im.shape for im in result.images] == [(64, 64, 3), (200, 300, 3)]  # no crop
+  said = [r.getMessage() for r in caplog.records if "resized back" in r.getMessage()]
+  assert len(said) == 2 and "Editing a 300x200 image at 32x32" in " ".join(said)
+  # The 64x64 result is the 32x32 edit of the downscaled input, upscaled: same pixels as
+  # editing the downscaled image directly and resizing that result.
+  small = editing.resize_uint8(square, (32, 32))
+  direct = ed.edit([small], PROMPTS[:1], seed=0, num_steps=1).images[0]
+  np.testing.assert_array_equal(result.images[0], editing.resize_uint8(direct, (64, 64)))
+
+
 def test_missing_part_is_named(folder, tmp_path):
   import shutil  # pylint: disable=import-outside-toplevel
   broken = tmp_path / "broken"

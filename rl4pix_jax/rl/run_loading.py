@@ -66,7 +66,8 @@ class LoadedRun:
   def starting_editor(self) -> editing.Editor:
     """The editor before RL (supervised or pretrained), sharing models and tokenizer."""
     return editing.Editor(self.setup.models, self.setup.params, self.setup.tokenizer,
-                          self.editor.max_object_tokens, self.editor.capture_size)
+                          self.editor.max_object_tokens, self.editor.capture_size,
+                          self.editor.resolution)
 
 
 def load_run(workdir: str, step: Optional[int] = None,
@@ -104,9 +105,13 @@ def load_run(workdir: str, step: Optional[int] = None,
     unet = train_state.restore_policy_params(config, workdir, params.unet, epoch)
     params = pipeline.EditorParams(unet=unet, vae=params.vae, text_encoder=params.text_encoder)
     logging.info("Restored the RL policy of epoch %d from %r.", epoch, checkpoints)
+  # A run of the embedded default's own tiny editor knows one image size (the supervised
+  # stages' config.resolution); a pretrained (Stable Diffusion) editor edits any multiple.
+  resolution = None if config.model.get("pretrained") else config.resolution
   editor = editing.Editor(setup.models, params, setup.tokenizer,
                           max_object_tokens=config.data.get("max_object_tokens", 8),
-                          capture_size=config.sampler.get("capture_size") or None)
+                          capture_size=config.sampler.get("capture_size") or None,
+                          resolution=resolution)
   return LoadedRun(config=config, setup=setup, editor=editor, epoch=epoch)
 
 

@@ -379,3 +379,73 @@ def test_repository_ships_stages_of_the_default_config():
       jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 8)), jnp.zeros((1,), jnp.int32),
       jnp.zeros((1, 77, 64))))["params"]
   assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# A SIGKILLed UNet stage, rerun, ends where a straight run ends (subprocesses: a real kill)
+# --------------------------------------------------------------------------------------------
+
+KILL_AFTER_UPDATES = 5  # the checkpoint of step 4 is on disk, step 5 is lost with the process
+
+
+def stage_worker(argv):
+  """``python -m tests.pretrain.test_pretrain WORKDIR DATA_DIR KILL``: the tiny UNet stage, 6 steps,
+  a checkpoint every 2; with KILL=1 the process SIGKILLs itself inside update 5."""
+  import signal  # pylint: disable=import-outside-toplevel
+  workdir, data_dir, kill = argv[1], argv[2], argv[3] == "1"
+  config = tiny_config(steps=6)
+  config.data.data_dir = data_dir
+  real_make = editor_training.make_editor_train_step
+
+  def killing_make(*args, **kwargs):
+    step_fn, calls = real_make(*args, **kwargs), []
+
+    def step(*step_args):
+      calls.append(1)
+      if kill and len(calls) == KILL_AFTER_UPDATES:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return step_fn(*step_args)
+
+    return step
+
+  editor_training.make_editor_train_step = killing_make
+  editor_training.train_editor(config, workdir)
+
+
+def test_killed_unet_stage_resumes_to_the_straight_result(trained_workdir, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  config, source = trained_workdir
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path),
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  workdirs = {name: tmp_path / name for name in ("straight", "killed")}
+  for workdir in workdirs.values():
+    for stage in ("vae", "clip"):
+      shutil.copytree(ckpt.stage_dir(source, stage), workdir / stage)
+  start = lambda name, kill: subprocess.Popen(
+      [sys.executable, "-m", "tests.pretrain.test_pretrain", str(workdirs[name]), config.data.data_dir,
+       kill], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  runs = [start("straight", "0"), start("killed", "1")]
+  outputs = [p.communicate(timeout=900)[0] for p in runs]
+  assert runs[0].returncode == 0, outputs[0][-3000:]
+  assert runs[1].returncode == -9, outputs[1][-3000:]  # SIGKILL
+  killed = str(workdirs["killed"])
+  assert not ckpt.stage_complete(killed, "unet")
+  assert metric_steps(killed, "unet") == [1, 2, 3, 4]  # update 5 died with the process
+  again = start("killed", "0")
+  output = again.communicate(timeout=900)[0]
+  assert again.returncode == 0, output[-3000:]
+  assert metric_steps(killed, "unet") == [1, 2, 3, 4, 5, 6]  # resumed at the step-4 checkpoint
+  assert ckpt.stage_complete(killed, "unet")
+  # Same program, same batches and keys per step, state restored exactly: bitwise equal.
+  resumed, _ = ckpt.latest_stage_params(killed, "unet")
+  straight, _ = ckpt.latest_stage_params(str(workdirs["straight"]), "unet")
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+if __name__ == "__main__":
+  import sys as _sys  # pylint: disable=ungrouped-imports
+  stage_worker(_sys.argv)
