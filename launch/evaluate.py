@@ -56,6 +56,8 @@ flags.DEFINE_float("guidance_scale", None, "Text guidance (default: the run's, o
 flags.DEFINE_float("image_guidance_scale", None, "Image guidance (default: run's, or 1.5).")
 flags.DEFINE_float("eta", 0.0, "DDIM eta of the evaluation sampler.")
 flags.DEFINE_integer("batch_size", 8, "Images per compiled call.")
+flags.DEFINE_integer("figure_examples", None, "Examples (rows) in the example and "
+                     "comparison figures (default: evaluation.FIGURE_EXAMPLES, 8).")
 flags.DEFINE_bool("save_edits", False, "Also write every edited image as a PNG under "
                   "<output>_edits/<model index>/ (the pixels that were scored).")
 

@@ -103,12 +103,12 @@ def _json_values(values) -> list:
 def write_reports(results: Sequence[EvaluationResult], examples: Sequence[dict],
                   keys: Sequence[str], output_prefix: str, metadata: Mapping[str, Any],
                   reference_rows: Sequence[str] = (), notes: Sequence[str] = (),
-                  save_edited: bool = False, magicbrush_layout: bool = False
-                  ) -> Dict[str, str]:
+                  save_edited: bool = False, magicbrush_layout: bool = False,
+                  figure_examples: int = FIGURE_EXAMPLES) -> Dict[str, str]:
   """Writes ``<prefix>.json`` (metadata, summaries, per-example values), ``<prefix>.md``
   (the table, then ``notes``), ``<prefix>_<i>.png`` (example figure per result),
-  ``<prefix>_comparison.png`` when there are several results (``comparison_figure``) and, with
-  ``save_edited``, every edit under ``<prefix>_edits/<i>/`` (``save_edits``).
+  ``<prefix>_comparison.png`` when there are several results (``comparison_figure``), both of
+  the first ``figure_examples`` examples, and, with ``save_edited``, every edit under ``<prefix>_edits/<i>/`` (``save_edits``).
 
   JSON: ``example_ids`` and each model's ``per_example`` are the scored examples; when only
   part of the edits is scored (multi-turn), each model also has ``all_turns`` with every
@@ -131,7 +131,8 @@ def write_reports(results: Sequence[EvaluationResult], examples: Sequence[dict],
   paths = {"json": output_prefix + ".json", "markdown": output_prefix + ".md"}
   multi_turn = metadata.get("setting") == "multi_turn"
   for i, result in enumerate(results):
-    paths[f"figure_{i}"] = example_figure(examples, result, f"{output_prefix}_{i}.png")
+    paths[f"figure_{i}"] = example_figure(examples, result, f"{output_prefix}_{i}.png",
+                                          count=figure_examples)
     if save_edited:
       edits = f"{output_prefix}_edits{os.sep}{i}"
       report.setdefault("edits", {})[result.name] = {
@@ -140,7 +141,8 @@ def write_reports(results: Sequence[EvaluationResult], examples: Sequence[dict],
       paths[f"edits_{i}"] = edits
   if len(results) > 1:
     paths["comparison"] = comparison_figure(examples, results,
-                                            f"{output_prefix}_comparison.png")
+                                            f"{output_prefix}_comparison.png",
+                                            count=figure_examples)
   with open(paths["json"], "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2, allow_nan=False, default=str)
   scored = len(results[0].scored_indices) if results else len(examples)

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 from absl import logging
 
 from rl4pix_jax.evaluation.examples import load_examples
-from rl4pix_jax.evaluation.reports import write_reports
+from rl4pix_jax.evaluation.reports import FIGURE_EXAMPLES, write_reports
 from rl4pix_jax.evaluation.scoring import (SamplerSettings, evaluate, load_magicbrush_models,
                                            magicbrush_per_example, shapes_per_example)
 from rl4pix_jax.metrics import image_metrics, shapes_metrics
@@ -60,6 +60,7 @@ class EvaluationRequest:
   eta: float
   batch_size: int
   save_edits: bool
+  figure_examples: Optional[int]
 
 
 def shapes_clip(run: Any, clip_folder: Optional[str]):
@@ -217,4 +218,5 @@ def run_evaluation(request: EvaluationRequest) -> Dict[str, str]:
                                     else None),
               "clip_t_text": clip_t_text if dataset == "magicbrush" else "target_caption"}
   return write_reports(results, examples, keys, output, metadata, reference, notes=notes,
-                       save_edited=request.save_edits, magicbrush_layout=dataset == "magicbrush")
+                       save_edited=request.save_edits, magicbrush_layout=dataset == "magicbrush",
+                       figure_examples=request.figure_examples or FIGURE_EXAMPLES)

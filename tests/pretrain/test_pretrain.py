@@ -417,10 +417,9 @@ def test_killed_unet_stage_resumes_to_the_straight_result(trained_workdir, tmp_p
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   config, source = trained_workdir
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path),
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  from tests.helpers.cli import cli_env  # pylint: disable=import-outside-toplevel
+  from tests.helpers.paths import REPO_ROOT as root  # pylint: disable=import-outside-toplevel
+  env = cli_env(tmp_path)
   workdirs = {name: tmp_path / name for name in ("straight", "killed")}
   for workdir in workdirs.values():
     for stage in ("vae", "clip"):
