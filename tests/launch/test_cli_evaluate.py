@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from rl4pix_jax import editing, evaluation
-from rl4pix_jax.metrics import image_metrics, intervals
+from rl4pix_jax.metrics import image_metrics, intervals, shapes_metrics
 from rl4pix_jax.models import clip, vit
 from rl4pix_jax.tokenizer import load_clip_tokenizer
 from rl4pix_jax.weights import transformers_clip, transformers_vit
@@ -29,7 +29,7 @@ def test_evaluate_cli_compares_rl_and_starting_editor_on_the_same_examples(tiny_
   assert report["num_examples"] == 2 and report["rl_epoch"] == 0
   assert list(report["models"]) == ["no RL (starting editor)", "RL epoch 0"]
   for model in report["models"].values():
-    assert set(model["per_example"]) == set(evaluation.shapes_metrics.SHAPES_METRICS)
+    assert set(model["per_example"]) == set(shapes_metrics.SHAPES_METRICS)
     assert all(len(v) == 2 for v in model["per_example"].values())
     assert 0.0 <= model["summary"]["l1_outside"]["mean"] <= 2.0
   table = (tmp_path / "eval" / "shapes.md").read_text()
