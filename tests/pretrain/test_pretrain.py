@@ -195,6 +195,79 @@ def test_editor_loss_decreases_on_a_fixed_batch(trained_workdir):
   assert losses[-1] < 0.9 * losses[0], losses
 
 
+def test_editor_step_keeps_the_ema_of_the_online_weights(trained_workdir):
+  config, workdir = trained_workdir
+  encoders = editor_training.load_frozen_encoders(workdir)
+  encoded = editor_training.encode_generated_examples(encoders, config.seed, 4, 16)
+  batch = editor_training.example_batch(encoded, np.arange(4))
+  unet = editor_training.make_unet(config.model.unet)
+  params = unet.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 8)), jnp.zeros((1,), jnp.int32),
+                     jnp.asarray(batch["text"][:1]))["params"]
+  optimizer = optax.adamw(1e-2, weight_decay=0.0)
+  step = editor_training.make_editor_train_step(
+      unet, ddim.DDIMSchedule.from_config(dict(config.model.scheduler)), optimizer,
+      editor_training.empty_prompt_states(encoders.text_model, encoders.text_params),
+      encoders.scaling_factor, (0.0, 0.0, 0.0), ema_decay=0.5)
+  start = jax.tree.map(np.asarray, params)
+  ema, state, _ = step(params, editor_training.initial_train_state(params, optimizer), batch,
+                       jax.random.PRNGKey(1))
+  assert int(state["updates"]) == 1
+  decay = float(editor_training.ema_decay_at(0.5, 1))  # warm-up: min(0.5, 2 / 11)
+  assert decay == pytest.approx(2 / 11)
+  online = jax.tree.map(np.asarray, state["online"])
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(online),
+                                                      jax.tree.leaves(start)))
+  jax.tree.map(lambda e, s0, o: np.testing.assert_allclose(e, decay * s0 + (1 - decay) * o,
+                                                           rtol=1e-6, atol=1e-7),
+               jax.tree.map(np.asarray, ema), start, online)
+
+
+def test_ema_decay_warms_up_to_its_value():
+  assert float(editor_training.ema_decay_at(0.999, 0)) == pytest.approx(0.1)
+  assert float(editor_training.ema_decay_at(0.999, 90)) == pytest.approx(0.91)
+  assert float(editor_training.ema_decay_at(0.999, 10 ** 6)) == pytest.approx(0.999)
+
+
+def test_min_snr_weights_by_hand():
+  config = ddim.default_scheduler_config()
+  schedule = ddim.DDIMSchedule.from_config(config)
+  timesteps = jnp.asarray([0, 100, 500, 999])
+  alpha = np.asarray(schedule.alphas_cumprod, np.float64)[np.asarray(timesteps)]
+  snr = alpha / (1 - alpha)
+  np.testing.assert_allclose(editor_training.min_snr_weights(schedule, timesteps, 5.0),
+                             np.minimum(snr, 5.0) / snr, rtol=1e-5)
+  assert snr[0] > 5 > snr[-1]  # the clip is active at low noise only: weights < 1, then 1
+  np.testing.assert_array_equal(editor_training.min_snr_weights(schedule, timesteps, 0.0), 1.0)
+  v_schedule = ddim.DDIMSchedule.from_config(dict(config, prediction_type="v_prediction"))
+  np.testing.assert_allclose(editor_training.min_snr_weights(v_schedule, timesteps, 5.0),
+                             np.minimum(snr, 5.0) / (snr + 1), rtol=1e-5)
+  sample_schedule = ddim.DDIMSchedule.from_config(dict(config, prediction_type="sample"))
+  with pytest.raises(ValueError, match="prediction_type='sample'"):
+    editor_training.min_snr_weights(sample_schedule, timesteps, 5.0)
+
+
+def test_generated_scenes_are_the_built_splits(shared_data):
+  from rl4pix_jax.data import shapes_edit_builder  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  config.data.data_dir = shared_data
+  dataset_dir = data_lib.ensure_shapes_dataset(config, os.path.dirname(shared_data))
+  assert [shapes_edit_builder.split_seed(3, s) for s in ("train", "validation", "test")] == [
+      9, 10, 11]
+  with pytest.raises(ValueError, match="Unknown split"):
+    shapes_edit_builder.split_seed(0, "dev")
+  built = data_lib.load_split(dataset_dir, "train", 16)
+  # tfds stores a split in its own (key-hashed) order: match the examples by id "shapes-s-i".
+  order = [int(example_id.rsplit("-", 1)[1]) for example_id in built.texts["example_id"]]
+  generated = next(editor_training.generated_train_examples(config.seed, 16, 16))
+  np.testing.assert_array_equal(generated["source"][order], built.arrays["source"])
+  np.testing.assert_array_equal(generated["target"][order], built.arrays["target"])
+  assert [generated["instruction"][i] for i in order] == built.texts["instruction"]
+  validation = {e.example_id: e.instruction for e in
+                editor_check.generated_examples(config.seed, "validation", 8, 16)}
+  assert validation == {e.example_id: e.instruction for e in
+                        data_lib.load_examples(dataset_dir, "validation", 8)}
+
+
 @pytest.mark.parametrize("rates", [(0.05, 0.05, 0.05), (0.1, 0.3, 0.2)])
 def test_conditioning_dropout_rates(rates):
   text, image, both = rates
