@@ -42,7 +42,7 @@ def checkpoint_epochs(workdir: str, keep: int = 1) -> list:
   directory = layout.run_checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     return []
-  checkpointer = checkpointing.RunCheckpointer(directory, keep=max(1, keep))
+  checkpointer = checkpointing.RunCheckpointer(directory, keep=max(1, keep), read_only=True)
   epochs = checkpointer.all_epochs()
   checkpointer.close()
   return sorted(epochs)
@@ -81,6 +81,8 @@ def load_run(workdir: str, step: Optional[int] = None,
       starting editor with a log line saying so.
   Raises:
     RunLoadingError: no config.json, or no (or not that) checkpoint where one is needed.
+    CheckpointError: no checkpoint can be read (an unreadable newest one falls back to the
+      newest readable one, with a warning).
   """
   config = read_run_config(workdir)
   epochs = checkpoint_epochs(workdir, config.train.get("keep_checkpoints", 1))
@@ -100,8 +102,7 @@ def load_run(workdir: str, step: Optional[int] = None,
     logging.warning("No RL checkpoint in %r: using the run's starting editor (supervised or "
                     "pretrained, no RL).", checkpoints)
   else:
-    epoch = epochs[-1] if step is None else step
-    unet = train_state.restore_policy_params(config, workdir, params.unet, epoch)
+    unet, epoch = train_state.restore_policy(config, workdir, params.unet, step)
     params = pipeline.EditorParams(unet=unet, vae=params.vae, text_encoder=params.text_encoder)
     logging.info("Restored the RL policy of epoch %d from %r.", epoch, checkpoints)
   editor = editing.Editor(setup.models, params, setup.tokenizer,

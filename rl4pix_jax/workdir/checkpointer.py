@@ -84,6 +84,10 @@ class Checkpointer:
     """The newest step Orbax knows of (complete or not; see ``RunCheckpointer.all_epochs``)."""
     return self._manager.latest_step()
 
+  def reload(self) -> None:
+    """Re-reads the checkpoint folder (after another process changed it)."""
+    self._manager.reload()
+
   def all_steps(self) -> list:
     return sorted(self._manager.all_steps())
 
