@@ -1,4 +1,4 @@
-"""Edits images with a trained run (Orbax checkpoint) or a diffusers InstructPix2Pix folder.
+r"""Edits images with a trained run (Orbax checkpoint) or a diffusers InstructPix2Pix folder.
 
     python -m launch.edit --workdir=runs/shapes/rl --image=cat.png \
         --instruction="make the cat blue" --output=edited.png
@@ -19,6 +19,8 @@ import sys
 from typing import List, Tuple
 
 from absl import app, flags
+
+from launch import cli
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -155,4 +157,4 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -119,7 +119,14 @@ def load_run_editor(workdir: str, step: Optional[int] = None,
 
 def load_pretrained_editor(path_or_hub_id: str, max_object_tokens: int = 8,
                            capture_size: Optional[int] = None) -> editing.Editor:
-  """An ``Editor`` of a diffusers InstructPix2Pix folder or hub id (float32)."""
+  """An ``Editor`` of a diffusers InstructPix2Pix folder or hub id (float32).
+
+  ``editor.sampler_defaults`` holds the sampler an exported run recorded
+  (``export.SAMPLER_FILE``: num_steps, guidance_scale, image_guidance_scale, eta), or {}.
+  """
+  from rl4pix_jax import export  # pylint: disable=import-outside-toplevel
   models, params, tokenizer = pipeline.load_diffusers_editor(path_or_hub_id)
-  return editing.Editor(models, params, tokenizer, max_object_tokens=max_object_tokens,
-                        capture_size=capture_size)
+  editor = editing.Editor(models, params, tokenizer, max_object_tokens=max_object_tokens,
+                          capture_size=capture_size)
+  editor.sampler_defaults = export.read_sampler(path_or_hub_id)
+  return editor
