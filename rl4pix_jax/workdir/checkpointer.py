@@ -191,6 +191,7 @@ class RunCheckpointer(Checkpointer):
     candidates = [epoch] if epoch is not None else sorted(epochs, reverse=True)
     self.unreadable, self.restored_epoch = [], None
     reasons = []
+    _filter_abandoned_read_noise()
     for candidate in candidates:
       try:
         restored = self.restore_items(candidate, {"state": abstract_state}, ("host",))
@@ -226,15 +227,40 @@ class RunCheckpointer(Checkpointer):
     return os.fspath(target)
 
 
-def _collect_abandoned_reads() -> None:
-  """Collects the read coroutines a failed restore leaves behind, without Python printing
-  "Exception ignored in: <coroutine ...>" with a TensorStore spec for each of them."""
+def _is_abandoned_read_noise(unraisable) -> bool:
+  """An exception Python reports from the reads a failed restore abandons: the coroutine's
+  TensorStore error, or a late callback into Orbax's already closed event loop."""
+  error = unraisable.exc_value
+  text = str(error)
+  return ("TensorStore" in text or "reading array index" in text
+          or (isinstance(error, RuntimeError) and "Event loop is closed" in text))
+
+
+def _filter_abandoned_read_noise() -> None:
+  """From now on drops Python's reports of the reads a failed restore abandons (one per
+  array, each a traceback with a TensorStore spec or a closed event loop); any other
+  unraisable exception is reported as usual. Idempotent."""
   previous = sys.unraisablehook
-  sys.unraisablehook = lambda _: None
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = previous
+  if not getattr(previous, "_rl4pix_filter", False):
+    def hook(unraisable):
+      if not _is_abandoned_read_noise(unraisable):
+        previous(unraisable)
+    hook._rl4pix_filter = True  # pylint: disable=protected-access
+    sys.unraisablehook = hook
+  previous_excepthook = sys.excepthook
+  if not getattr(previous_excepthook, "_rl4pix_filter", False):
+    # TensorStore's I/O threads report their late callbacks with PyErr_Print (sys.excepthook).
+    def excepthook(kind, value, tb):
+      if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+        previous_excepthook(kind, value, tb)
+    excepthook._rl4pix_filter = True  # pylint: disable=protected-access
+    sys.excepthook = excepthook
+
+
+def _collect_abandoned_reads() -> None:
+  """Collects the read coroutines a failed restore leaves behind (quietly, see above)."""
+  _filter_abandoned_read_noise()
+  gc.collect()
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

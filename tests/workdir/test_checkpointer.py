@@ -76,15 +76,18 @@ def test_all_finite():
   assert not checkpointing.all_finite({"a": jnp.array([1.0, jnp.inf])})
 
 
-def truncate_largest_data_file(checkpoint_folder) -> str:
-  """Cuts the largest array data file of a checkpoint folder in half (a torn copy, a full
-  disk); returns its path."""
+def truncate_largest_data_file(checkpoint_folder, every: bool = False) -> list:
+  """Cuts the largest array data file of a checkpoint folder (``every``: each of them) in half,
+  as a torn copy or a full disk would; returns their paths. (Small arrays, such as a tiny
+  LoRA state's, are stored inline in the index files under ``<item>/d/``, hence ``every``.)"""
   files = [os.path.join(d, n) for d, _, names in os.walk(checkpoint_folder) for n in names
-           if os.path.basename(d) == "d" and "ocdbt.process_" in d]
-  path = max(files, key=os.path.getsize)
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
-  return path
+           if os.path.basename(d) == "d"]
+  paths = files if every else [max((f for f in files if "ocdbt.process_" in f),
+                                   key=os.path.getsize)]
+  for path in paths:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  return paths
 
 
 def _big_state(scale=1.0):
