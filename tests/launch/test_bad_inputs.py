@@ -155,3 +155,29 @@ def test_unreadable_newest_checkpoint_falls_back_in_edit_and_train(tiny_run, ima
   assert os.listdir(run / "checkpoints_unreadable") == ["1"]
   with open(run / "metrics.jsonl", encoding="utf-8") as f:
     assert [json.loads(line)["epoch"] for line in f] == [0, 1]
+
+
+def test_max_side_size_keeps_the_aspect_and_leaves_small_images_alone(tmp_path):
+  # In a subprocess: launch.edit's absl flags would clash with launch.prepare_data's
+  # (imported by other tests) in this process.
+  code = ("from launch.edit import max_side_size as f; "
+          "assert f(3000, 4000, 512) == (384, 512); assert f(300, 200, 512) is None; "
+          "assert f(40, 36, 32) == (32, 29); assert f(5000, 10, 512) == (512, 1); "
+          "assert f(4000, 3000, 0) is None; print('ok')")
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  from tests.helpers.cli import cli_env  # pylint: disable=import-outside-toplevel
+  from tests.helpers.paths import REPO_ROOT  # pylint: disable=import-outside-toplevel
+  done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=cli_env(tmp_path),
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_large_image_is_edited_downscaled_and_returned_at_its_size(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  big = tmp_path / "big.png"
+  Image.fromarray(np.random.default_rng(1).integers(0, 256, (120, 200, 3), np.uint8)).save(big)
+  done = run_cli("launch.edit", *_edit_flags(workdir, big, tmp_path / "o.png"), tmp=tmp_path)
+  assert done.returncode == 0, done.stderr[-2000:]
+  notes = [line for line in done.stderr.splitlines() if "--max_side=32" in line]
+  assert len(notes) == 1 and "200x120" in notes[0] and "edited at 32x19" in notes[0]
+  assert np.asarray(Image.open(tmp_path / "o.png")).shape == (120, 200, 3)
