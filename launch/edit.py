@@ -1,4 +1,4 @@
-"""Edits images with a trained run (Orbax checkpoint) or a diffusers InstructPix2Pix folder.
+r"""Edits images with a trained run (Orbax checkpoint) or a diffusers InstructPix2Pix folder.
 
     python -m launch.edit --workdir=runs/shapes/rl --image=cat.png \
         --instruction="make the cat blue" --output=edited.png
@@ -10,15 +10,21 @@
 
 Writes ``<output>/<name>.png`` per image (or the ``--output`` file for one image) and, with
 ``--attention``, ``<name>_attention.png``: the ``--object`` words' cross-attention averaged
-over the sampling steps, over the edited image. Exits 1 after editing the readable images
+over the sampling steps, over the edited image. An image whose longer side exceeds
+``--max_side`` is edited downscaled (one line says so) and returned at its own size. An
+empty instruction is an error; one longer than the text encoder's 77 tokens is cut, with a
+warning naming where. Sampler defaults: the run's config (``--workdir``) or the exported
+``rl4pix_sampler.json`` (``--pretrained``), else 20 steps, guidance 7.5 / 1.5. Exits 1 after editing the readable images
 when some could not be read (each is named), 2 on a bad flag or run folder.
 """
 
 import os
 import sys
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from absl import app, flags
+
+from launch import cli
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -37,7 +43,12 @@ flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same result).")
 flags.DEFINE_integer("steps", None, "DDIM steps (default: the run's sampler.num_steps, or 20).")
 flags.DEFINE_float("guidance_scale", None, "Text guidance (default: the run's, or 7.5).")
 flags.DEFINE_float("image_guidance_scale", None, "Image guidance (default: run's, or 1.5).")
-flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic sampler).")
+flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic sampler, for --workdir and "
+                   "--pretrained alike).")
+flags.DEFINE_integer("max_side", None, "Images whose longer side exceeds this are edited "
+                     "downscaled and returned at their own size (default: the run's "
+                     "resolution; for --pretrained the UNet's, 512 for Stable Diffusion; "
+                     "0: never).")
 flags.DEFINE_integer("batch_size", 8, "Images per compiled call.")
 flags.DEFINE_string("size", None, "Working size HxW (e.g. 64x64) to edit at instead of the "
                     "editor's: its training resolution for a run of the shapes default, each "
@@ -78,8 +89,26 @@ def output_paths(inputs: List[str], output: str, single_file: bool) -> List[Tupl
 
 
 def _fail(message: str) -> int:
-  print(f"error: {message}", file=sys.stderr)
-  return 2
+  return cli.fail(message)
+
+
+def max_side_size(height: int, width: int, max_side: Optional[int]) -> Optional[Tuple[int, int]]:
+  """(H, W) scaled so the longer side is ``max_side`` (aspect kept, each side >= 1), or None
+  when the image already fits (or ``max_side`` is None/0). The editor then works on that
+  size (its own size rule applies on top) and the result is resized back to H x W."""
+  if not max_side or max(height, width) <= max_side:
+    return None
+  scale = max_side / max(height, width)
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def default_max_side(editor, config) -> int:
+  """The run's training resolution (tiny editors), else the UNet's sample size in pixels (512
+  for Stable Diffusion)."""
+  if config is not None:
+    return int(config.resolution)
+  sample = getattr(editor.models.unet.config, "sample_size", None) or 64
+  return int(sample) * editor.models.vae_downscale
 
 
 def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
@@ -96,9 +125,13 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
   if FLAGS.attention and not FLAGS.object:
     return _fail("--attention needs --object=<words of the instruction>, e.g. "
                  "--object='red circle'.")
+  from rl4pix_jax.tokenizer import quote, truncation  # pylint: disable=import-outside-toplevel
+  if not FLAGS.instruction.strip():
+    return _fail(f"--instruction={quote(FLAGS.instruction)} is empty; say what to change, "
+                 "e.g. --instruction='turn the red circle blue'.")
   if FLAGS.object and FLAGS.object.lower() not in FLAGS.instruction.lower():
-    return _fail(f"--object={FLAGS.object!r} is not in --instruction={FLAGS.instruction!r}; "
-                 "give words that appear in the instruction.")
+    return _fail(f"--object={quote(FLAGS.object)} is not in --instruction="
+                 f"{quote(FLAGS.instruction)}; give words that appear in the instruction.")
   if not os.path.exists(FLAGS.image):
     return _fail(f"--image={FLAGS.image!r} does not exist.")
   inputs = list_images(FLAGS.image)
@@ -110,6 +143,7 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
     return _fail(str(e))
   single_file = not os.path.isdir(FLAGS.image) and FLAGS.output.lower().endswith(".png")
   sampler = {"num_steps": 20, "guidance_scale": 7.5, "image_guidance_scale": 1.5}
+  config = None
   try:
     if FLAGS.workdir:
       config = run_loading.read_run_config(FLAGS.workdir)
@@ -118,18 +152,36 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
       sampler = {k: config.sampler.get(k, v) for k, v in sampler.items()}
     else:
       editor = run_loading.load_pretrained_editor(FLAGS.pretrained)
+      # An exported run's sampler (rl4pix_sampler.json), as --workdir would use.
+      sampler = {k: editor.sampler_defaults.get(k, v) for k, v in sampler.items()}
   except (run_loading.RunLoadingError, ValueError) as e:
     return _fail(str(e))
+  cut = truncation(editor.tokenizer, FLAGS.instruction)
+  if cut is not None:
+    print(f"warning: --instruction has {cut[0]} tokens but the text encoder reads 77: it is "
+          f"cut after {quote(cut[1])}.", file=sys.stderr)
+  # --size names the working size itself: then no --max_side downscale first.
+  max_side = (0 if size else default_max_side(editor, config)) if FLAGS.max_side is None \
+      else FLAGS.max_side
   for name, flag in (("num_steps", FLAGS.steps), ("guidance_scale", FLAGS.guidance_scale),
                      ("image_guidance_scale", FLAGS.image_guidance_scale)):
     if flag is not None:
       sampler[name] = flag
 
-  images, readable, failures = [], [], []
+  images, readable, failures, input_sizes = [], [], [], []
   for path in inputs:
     try:
       with Image.open(path) as im:
-        images.append(editing.to_uint8_rgb(im))  # 16-bit scaled, alpha over white
+        pixels = editing.to_uint8_rgb(im)  # 16-bit scaled, alpha over white
+      smaller = max_side_size(pixels.shape[0], pixels.shape[1], max_side)
+      original = pixels.shape[:2]
+      if smaller is not None:
+        print(f"{path}: {pixels.shape[1]}x{pixels.shape[0]} is larger than --max_side="
+              f"{max_side}: edited at {smaller[1]}x{smaller[0]} and returned at "
+              f"{pixels.shape[1]}x{pixels.shape[0]}.", file=sys.stderr)
+        pixels = editing.resize_uint8(pixels, smaller)
+      input_sizes.append(None if smaller is None else original)
+      images.append(pixels)
       readable.append(path)
     except (OSError, ValueError) as e:
       failures.append(f"{path}: cannot read the image ({e})")
@@ -160,6 +212,8 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
         continue
       for j, i in enumerate(chunk):
         edit_path, attention_path = paths[i]
+        if input_sizes[i] is not None:  # downscaled for --max_side: back at the input's size
+          result.images[j] = editing.resize_uint8(result.images[j], input_sizes[i])
         Image.fromarray(result.images[j]).save(edit_path)
         if FLAGS.attention:
           overlay = visualize.attention_overlay(result.images[j], result.attention_maps[j])
@@ -176,4 +230,4 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""Evaluates a run's editor on a dataset split; writes a JSON report and a markdown table.
+r"""Evaluates a run's editor on a dataset split; writes a JSON report and a markdown table.
 
     python -m launch.evaluate --workdir=runs/shapes/rl --dataset=shapes_edit --split=test
     python -m launch.evaluate --workdir=runs/shapes/rl --compare_no_rl --max_examples=64
@@ -23,9 +23,10 @@ printed under single-turn tables only.
 """
 
 import dataclasses
-import sys
 
 from absl import app, flags
+
+from launch import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder written by launch.train.")
@@ -62,11 +63,6 @@ flags.DEFINE_bool("save_edits", False, "Also write every edited image as a PNG u
                   "<output>_edits/<model index>/ (the pixels that were scored).")
 
 
-def _fail(message: str) -> int:
-  print(f"error: {message}", file=sys.stderr)
-  return 2
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -77,7 +73,7 @@ def main(argv):
   try:
     paths = evaluation.run_evaluation(request)
   except evaluation.EvaluationError as e:
-    return _fail(str(e))
+    return cli.fail(str(e))
   with open(paths["markdown"], encoding="utf-8") as f:
     print(f.read())
   print(f"Wrote {', '.join(paths.values())}")
@@ -85,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

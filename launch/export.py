@@ -3,12 +3,14 @@
     python -m launch.export --workdir=runs/shapes/rl --output=exported/shapes_ip2p
     python -m launch.export --workdir=runs/shapes/rl --step=3 --output=exported/epoch3
 
-The folder loads with ``diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained``.
+The folder loads with ``diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained``;
+``rl4pix_sampler.json`` beside ``model_index.json`` records the run's sampler (steps, guidance,
+image guidance, eta), the defaults of ``launch.edit --pretrained=<folder>``.
 """
 
-import sys
-
 from absl import app, flags, logging
+
+from launch import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder written by launch.train.", required=True)
@@ -29,15 +31,15 @@ def main(argv):
     editor = run_loading.load_run_editor(FLAGS.workdir, FLAGS.step,
                                          use_rl=False if FLAGS.no_rl else True)
   except (run_loading.RunLoadingError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.fail(str(e))
   base = folders.resolve_pretrained(config.model.pretrained) if config.model.pretrained else None
   export.export_pipeline(editor.models, editor.params, editor.tokenizer,
-                         config.model.get("scheduler", {}), FLAGS.output, base_folder=base)
+                         config.model.get("scheduler", {}), FLAGS.output, base_folder=base,
+                         sampler_config=config.sampler)
   logging.info("Wrote %s", FLAGS.output)
   print(f"Exported the editor of {FLAGS.workdir} to {FLAGS.output}")
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

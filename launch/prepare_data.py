@@ -1,4 +1,4 @@
-"""Prepares a dataset (tfds, array_record) and/or writes a preview grid of shapes edits.
+r"""Prepares a dataset (tfds, array_record) and/or writes a preview grid of shapes edits.
 
   python -m launch.prepare_data --dataset=shapes_edit --data_dir=~/tensorflow_datasets \
       --resolution=64 --train_size=2000 --validation_size=200 --test_size=200
@@ -16,6 +16,8 @@ import tempfile
 from absl import app
 from absl import flags
 from absl import logging
+
+from launch import cli
 
 _DATASET = flags.DEFINE_enum("dataset", "shapes_edit", ["shapes_edit", "magicbrush"],
                              "Which dataset to prepare.")
@@ -106,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

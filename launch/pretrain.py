@@ -1,4 +1,4 @@
-"""Runs one supervised stage of the embedded default (vae, clip or unet).
+r"""Runs one supervised stage of the embedded default (vae, clip or unet).
 
   python -m launch.pretrain --config=configs/shapes.py:vae --workdir=runs/shapes
   python -m launch.pretrain --config=configs/shapes.py:clip --workdir=runs/shapes
@@ -17,15 +17,16 @@ import json
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
+
+from launch import cli
 
 from rl4pix_jax.pretrain import clip_training
 from rl4pix_jax.pretrain import editor_training
 from rl4pix_jax.pretrain import vae_training
 from rl4pix_jax.workdir import layout
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py:vae",
-                                          "Config file and stage, e.g. configs/shapes.py:vae.")
+cli.define_config_file("config", "configs/shapes.py:vae",
+                       "Config file and stage, e.g. configs/shapes.py:vae.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (stages write <workdir>/<stage>).",
                                required=True)
 _STAGE = flags.DEFINE_enum("stage", None, list(layout.STAGES),
@@ -41,11 +42,13 @@ TRAINERS = {"vae": vae_training.train_vae, "clip": clip_training.train_clip,
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  from rl4pix_jax import config_validation  # pylint: disable=import-outside-toplevel
+  config = flags.FLAGS.config
   stage = _STAGE.value or config.stage
   if stage not in TRAINERS:
     raise app.UsageError(f"Stage {stage!r} is not a supervised stage; use one of "
                          f"{sorted(TRAINERS)} (--config=configs/shapes.py:vae or --stage=vae).")
+  config_validation.validate_pretrain_config(config, stage)
   TRAINERS[stage](config, _WORKDIR.value)
   if _QUICK_CHECK.value and stage == "unet":
     from rl4pix_jax.pretrain import editor_check
@@ -58,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

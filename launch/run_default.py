@@ -1,4 +1,4 @@
-"""The embedded default, end to end: data -> VAE -> CLIP -> editor UNet -> RL -> evaluation.
+r"""The embedded default, end to end: data -> VAE -> CLIP -> editor UNet -> RL -> evaluation.
 
     python -m launch.run_default --workdir=runs/shapes                       # shipped stages
     python -m launch.run_default --workdir=runs/shapes --supervised=train    # train them too
@@ -24,6 +24,8 @@ import time
 from typing import List
 
 from absl import app, flags
+
+from launch import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/shapes", "Folder of the whole default run.")
@@ -124,4 +126,4 @@ def evaluate_both(python: str, workdir: str, rl_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, flags_parser=parse_flags)

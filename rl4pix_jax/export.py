@@ -21,6 +21,33 @@ from rl4pix_jax.weights import diffusers_models, folders, transformers_clip
 PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
 DIFFUSERS_VERSION = "0.42.1"
 COPIED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+# Ours, beside model_index.json (diffusers ignores it): the run's sampler, which
+# ``launch.edit --pretrained`` and ``run_loading.load_pretrained_editor`` use as defaults.
+SAMPLER_FILE = "rl4pix_sampler.json"
+SAMPLER_KEYS = ("num_steps", "guidance_scale", "image_guidance_scale", "eta")
+
+
+def sampler_settings(sampler_config: Mapping) -> dict:
+  """The exported sampler fields of a run's ``config.sampler``."""
+  return {k: sampler_config[k] for k in SAMPLER_KEYS if k in sampler_config}
+
+
+def read_sampler(folder: str) -> dict:
+  """The ``SAMPLER_FILE`` of an exported folder, or {} (not ours, a hub id, or absent)."""
+  path = os.path.join(folder, SAMPLER_FILE)
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return {k: v for k, v in json.load(f).items() if k in SAMPLER_KEYS}
+
+
+def _match_json_modes(folder: str) -> None:
+  """Gives every file the mode of a freshly written JSON file (safetensors writes 0600)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  for root, _, names in os.walk(folder):
+    for name in names:
+      os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def model_index() -> dict:
@@ -67,7 +94,8 @@ def _write_json(path: str, value: Mapping) -> None:
 
 def export_pipeline(models: pipeline.EditorModels, params: pipeline.EditorParams,
                     tokenizer: Any, scheduler_config: Mapping, folder: str,
-                    base_folder: Optional[str] = None) -> str:
+                    base_folder: Optional[str] = None,
+                    sampler_config: Optional[Mapping] = None) -> str:
   """Writes a complete diffusers InstructPix2Pix pipeline folder.
 
   Args:
@@ -76,6 +104,8 @@ def export_pipeline(models: pipeline.EditorModels, params: pipeline.EditorParams
     folder: output folder (created; existing files of the same names are replaced).
     base_folder: the diffusers folder the editor was loaded from; its VAE, text encoder,
       tokenizer and scheduler are copied unchanged. None writes them from ``params``.
+    sampler_config: the run's ``config.sampler``; its steps, guidance, image guidance and
+      eta are written to ``SAMPLER_FILE``.
   Returns:
     ``folder``.
   """
@@ -97,4 +127,7 @@ def export_pipeline(models: pipeline.EditorModels, params: pipeline.EditorParams
     scheduler.setdefault("_diffusers_version", DIFFUSERS_VERSION)
     _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
   _write_json(os.path.join(folder, "model_index.json"), model_index())
+  if sampler_config is not None:
+    _write_json(os.path.join(folder, SAMPLER_FILE), sampler_settings(sampler_config))
+  _match_json_modes(folder)
   return folder

@@ -101,6 +101,27 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = CLIP_MAX_LENGTH)
   return np.asarray(encoded["input_ids"], dtype=np.int32)
 
 
+QUOTE_LIMIT = 80  # characters of user text quoted in a message
+
+
+def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+  """``repr(text)``, shortened to its first ``limit`` characters with a count of the rest."""
+  if len(text) <= limit:
+    return repr(text)
+  return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def truncation(tokenizer, text: str, max_length: int = CLIP_MAX_LENGTH):
+  """None when ``text`` fits ``max_length`` tokens (with start and end), else
+  (its token count, the last words kept): ``tokenize`` cuts what follows them."""
+  ids = _text_ids_untruncated(tokenizer, text)[1:]
+  room = max_length - 2
+  if len(ids) <= room:
+    return None
+  kept = tokenizer.decode(ids[max(0, room - 8):room]).strip()
+  return len(ids) + 2, kept
+
+
 def _phrase_ids(tokenizer, phrase: str) -> list:
   return list(tokenizer(phrase, add_special_tokens=False)["input_ids"])
 
@@ -148,24 +169,24 @@ def find_token_positions(
     phrase not in the text, or phrase past the truncation length.
   """
   if not isinstance(phrase, str) or not isinstance(text, str):
-    raise ValueError(f"find_token_positions expects strings, got text={text!r}, "
-                     f"phrase={phrase!r}.")
+    raise ValueError(f"find_token_positions expects strings, got text={quote(text)}, "
+                     f"phrase={quote(phrase)}.")
   if max_tokens < 1:
     raise ValueError(f"find_token_positions: max_tokens={max_tokens} must be >= 1.")
   phrase_ids = _phrase_ids(tokenizer, phrase)
   if not phrase_ids:
-    raise ValueError(f"Empty phrase {phrase!r} for text {text!r}: expected at least one token.")
+    raise ValueError(f"Empty phrase {quote(phrase)} for text {quote(text)}: expected at least one token.")
   if len(phrase_ids) > max_tokens:
-    raise ValueError(f"Phrase {phrase!r} (in text {text!r}) has {len(phrase_ids)} tokens, more "
+    raise ValueError(f"Phrase {quote(phrase)} (in text {quote(text)}) has {len(phrase_ids)} tokens, more "
                      f"than max_tokens={max_tokens}.")
   text_ids = _text_ids_untruncated(tokenizer, text)
   start = _first_occurrence(text_ids, phrase_ids)
   if start < 0:
-    raise ValueError(f"Phrase {phrase!r} does not occur in text {text!r} (as whole tokens).")
+    raise ValueError(f"Phrase {quote(phrase)} does not occur in text {quote(text)} (as whole tokens).")
   last_content_position = max_length - 2  # position max_length - 1 holds the end token
   if start + len(phrase_ids) - 1 > last_content_position:
-    raise ValueError(f"Phrase {phrase!r} lies beyond the truncation length {max_length} of "
-                     f"text {text!r} (its tokens start at position {start}).")
+    raise ValueError(f"Phrase {quote(phrase)} lies beyond the truncation length {max_length} of "
+                     f"text {quote(text)} (its tokens start at position {start}).")
   index = np.zeros((max_tokens,), np.int32)
   mask = np.zeros((max_tokens,), bool)
   index[:len(phrase_ids)] = np.arange(start, start + len(phrase_ids), dtype=np.int32)

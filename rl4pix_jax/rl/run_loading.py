@@ -42,7 +42,7 @@ def checkpoint_epochs(workdir: str, keep: int = 1) -> list:
   directory = layout.run_checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     return []
-  checkpointer = checkpointing.RunCheckpointer(directory, keep=max(1, keep))
+  checkpointer = checkpointing.RunCheckpointer(directory, keep=max(1, keep), read_only=True)
   epochs = checkpointer.all_epochs()
   checkpointer.close()
   return sorted(epochs)
@@ -82,6 +82,8 @@ def load_run(workdir: str, step: Optional[int] = None,
       starting editor with a log line saying so.
   Raises:
     RunLoadingError: no config.json, or no (or not that) checkpoint where one is needed.
+    CheckpointError: no checkpoint can be read (an unreadable newest one falls back to the
+      newest readable one, with a warning).
   """
   config = read_run_config(workdir)
   epochs = checkpoint_epochs(workdir, config.train.get("keep_checkpoints", 1))
@@ -101,8 +103,7 @@ def load_run(workdir: str, step: Optional[int] = None,
     logging.warning("No RL checkpoint in %r: using the run's starting editor (supervised or "
                     "pretrained, no RL).", checkpoints)
   else:
-    epoch = epochs[-1] if step is None else step
-    unet = train_state.restore_policy_params(config, workdir, params.unet, epoch)
+    unet, epoch = train_state.restore_policy(config, workdir, params.unet, step)
     params = pipeline.EditorParams(unet=unet, vae=params.vae, text_encoder=params.text_encoder)
     logging.info("Restored the RL policy of epoch %d from %r.", epoch, checkpoints)
   # A run of the embedded default's own tiny editor knows one image size (the supervised
@@ -123,7 +124,14 @@ def load_run_editor(workdir: str, step: Optional[int] = None,
 
 def load_pretrained_editor(path_or_hub_id: str, max_object_tokens: int = 8,
                            capture_size: Optional[int] = None) -> editing.Editor:
-  """An ``Editor`` of a diffusers InstructPix2Pix folder or hub id (float32)."""
+  """An ``Editor`` of a diffusers InstructPix2Pix folder or hub id (float32).
+
+  ``editor.sampler_defaults`` holds the sampler an exported run recorded
+  (``export.SAMPLER_FILE``: num_steps, guidance_scale, image_guidance_scale, eta), or {}.
+  """
+  from rl4pix_jax import export  # pylint: disable=import-outside-toplevel
   models, params, tokenizer = pipeline.load_diffusers_editor(path_or_hub_id)
-  return editing.Editor(models, params, tokenizer, max_object_tokens=max_object_tokens,
-                        capture_size=capture_size)
+  editor = editing.Editor(models, params, tokenizer, max_object_tokens=max_object_tokens,
+                          capture_size=capture_size)
+  editor.sampler_defaults = export.read_sampler(path_or_hub_id)
+  return editor

@@ -4,7 +4,8 @@ sharding rules; and the policy params of a saved RL checkpoint."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import os
+from typing import Any, Optional, Tuple
 
 import jax
 import ml_collections
@@ -63,23 +64,37 @@ def place_policy(config: ml_collections.ConfigDict, initial_unet: Any, mesh: jax
                       frozen_shardings)
 
 
-def restore_policy_params(config: ml_collections.ConfigDict, workdir: str,
-                          initial_unet_params: Any, epoch: Optional[int] = None) -> Any:
-  """The policy UNet params (LoRA merged) of an RL checkpoint, on the host's default device.
+def restore_policy(config: ml_collections.ConfigDict, workdir: str, initial_unet_params: Any,
+                   epoch: Optional[int] = None) -> Tuple[Any, int]:
+  """(policy UNet params with LoRA merged, the epoch restored) of an RL checkpoint.
+
+  Without ``epoch`` this is the newest readable checkpoint (an unreadable newer one is named
+  in one warning). Reads only: nothing in ``workdir`` is created or cleaned up.
 
   Args:
     config: the run config saved beside the checkpoints.
     workdir: the run folder.
     initial_unet_params: the UNet params the run started from (the frozen base).
-    epoch: which checkpoint (default: latest).
+    epoch: which checkpoint (default: the newest readable).
+  Raises:
+    CheckpointError: no checkpoint, or not a readable one (one line).
   """
   state, frozen = ppo.init_train_state(jax.random.PRNGKey(0), initial_unet_params, config.ppo)
-  checkpointer = checkpointing.RunCheckpointer(layout.run_checkpoint_dir(workdir),
-                                               keep=max(1, config.train.keep_checkpoints))
-  if checkpointer.latest_epoch() is None:
+  directory = layout.run_checkpoint_dir(workdir)
+  if not os.path.isdir(directory) and "://" not in directory:
     raise checkpointing.CheckpointError(
-        f"No RL checkpoint in {layout.run_checkpoint_dir(workdir)!r}; run "
-        f"`python -m launch.train --workdir={workdir}` first.")
-  state, _ = checkpointer.restore(state, epoch)
-  checkpointer.close()
-  return ppo.policy_params(state.params, frozen, config.ppo)
+        f"No RL checkpoint in {directory!r}; run `python -m launch.train "
+        f"--workdir={workdir}` first.")
+  checkpointer = checkpointing.RunCheckpointer(
+      directory, keep=max(1, config.train.keep_checkpoints), read_only=True)
+  try:
+    state, _ = checkpointer.restore(state, epoch)
+  finally:
+    checkpointer.close()
+  return ppo.policy_params(state.params, frozen, config.ppo), checkpointer.restored_epoch
+
+
+def restore_policy_params(config: ml_collections.ConfigDict, workdir: str,
+                          initial_unet_params: Any, epoch: Optional[int] = None) -> Any:
+  """The policy UNet params of ``restore_policy`` (same arguments), without the epoch."""
+  return restore_policy(config, workdir, initial_unet_params, epoch)[0]

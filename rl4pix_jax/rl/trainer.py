@@ -91,16 +91,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   Returns:
     The metrics of every epoch logged so far (from metrics.jsonl).
   """
-  os.makedirs(workdir, exist_ok=True)
+  # Nothing is written in ``workdir`` until the config and the checkpoint to resume from
+  # have been validated: a bad override or an unreadable run leaves the folder as it was.
+  from rl4pix_jax import config_validation  # pylint: disable=import-outside-toplevel
+  config_validation.validate_run_config(config)
   is_main = jax.process_index() == 0
   mesh = parallel.make_mesh_from_config(config.mesh)
   batch_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
-  sizes = batch_arithmetic(config, batch_devices, jax.process_count())
+  sizes = config_validation.checked_batch_arithmetic(config, batch_devices, jax.process_count())
   logging.info("Batch arithmetic: %s", sizes.describe())
-  if is_main:
-    print(f"[rl4pix_jax] {sizes.describe()}", flush=True)
-    with open(layout.run_config_path(workdir), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   sampler_config = sampler_config_from(config)
   guidance = sampling.Guidance(jnp.float32(config.sampler.guidance_scale),
@@ -113,14 +112,46 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   state, frozen = placed.state, placed.frozen
   tracker = advantages_lib.PerPromptStatTracker(config.ppo.stat_buffer_size,
                                                 config.ppo.stat_min_count)
-  checkpointer = checkpointing.RunCheckpointer(layout.run_checkpoint_dir(workdir),
-                                               keep=config.train.keep_checkpoints)
-  start_epoch = 0
-  if checkpointer.latest_epoch() is not None:
-    state, host = checkpointer.restore(state)
+  start_epoch, host, unreadable = 0, None, []
+  directory = layout.run_checkpoint_dir(workdir)
+  if "://" in directory or os.path.isdir(directory):
+    reader = checkpointing.RunCheckpointer(directory, keep=config.train.keep_checkpoints,
+                                           read_only=True)
+    try:
+      if reader.latest_epoch() is not None:
+        state, host = reader.restore(state)  # the newest readable one (warns otherwise)
+        unreadable = reader.unreadable
+    finally:
+      reader.close()
+  if host is not None:
     start_epoch = int(host["epoch"]) + 1
+    if start_epoch >= config.train.num_epochs:
+      if is_main:
+        print(f"[rl4pix_jax] {workdir} already has {start_epoch} epochs (checkpoint of epoch "
+              f"{host['epoch']}); --config.train.num_epochs={config.train.num_epochs} asks for "
+              "no more, so nothing was trained or written. Pass a larger "
+              "--config.train.num_epochs to continue.", flush=True)
+      return MetricsLog(workdir, enabled=False).read()
     tracker = advantages_lib.PerPromptStatTracker.from_state_dict(host["tracker"])
     data_iterator.set_state(host["data"])
+
+  # ---- validated: from here on the run folder is written ---------------------------------
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    print(f"[rl4pix_jax] {sizes.describe()}", flush=True)
+    with open(layout.run_config_path(workdir), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  checkpointer = checkpointing.RunCheckpointer(directory, keep=config.train.keep_checkpoints)
+  if unreadable:
+    if is_main:
+      aside = checkpointer.move_aside(unreadable)
+      print(f"[rl4pix_jax] moved the unreadable checkpoint(s) of epoch "
+            f"{', '.join(map(str, unreadable))} to {aside}", flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("rl4pix_jax: unreadable checkpoints moved")
+    checkpointer.reload()
+  if host is not None:
     logging.info("Resumed from the checkpoint of epoch %d.", host["epoch"])
     if is_main:
       print(f"[rl4pix_jax] resumed after epoch {host['epoch']}", flush=True)

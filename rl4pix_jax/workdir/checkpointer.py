@@ -9,12 +9,19 @@ A checkpoint of epoch ``e`` holds two items:
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 crash mid-write leaves the previous checkpoint as the latest usable one; incomplete folders
 are ignored (and cleaned up) on the next start.
+
+A complete checkpoint can still be unreadable (a data file cut short by a full disk, a bad
+copy). ``RunCheckpointer.restore`` without an epoch then falls back to the newest readable
+one, with one warning naming both; ``move_aside`` lets a resuming run put the unreadable ones
+under ``<checkpoints>/../checkpoints_unreadable/`` so it can write those epochs again.
 """
 
 from __future__ import annotations
 
+import gc
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 from etils import epath
@@ -24,6 +31,8 @@ import orbax.checkpoint as ocp
 
 # Orbax writes this file last when it finalises a checkpoint folder.
 COMPLETION_MARKER = "_CHECKPOINT_METADATA"
+# Where ``RunCheckpointer.move_aside`` puts unreadable checkpoints (beside the checkpoint root).
+UNREADABLE_SUFFIX = "_unreadable"
 
 
 class CheckpointError(RuntimeError):
@@ -49,17 +58,19 @@ class Checkpointer:
     keep: how many of the newest checkpoints to keep.
     item_names: the names of the items, when fixed (None: whatever each save writes).
     cleanup_tmp_directories: remove unfinished temporary folders on start.
+    read_only: create nothing and clean nothing up (for commands that only read a run).
   """
 
   def __init__(self, directory: str, keep: int = 3, item_names: Optional[Sequence[str]] = None,
-               cleanup_tmp_directories: bool = True):
+               cleanup_tmp_directories: bool = True, read_only: bool = False):
     if keep < 1:
       raise CheckpointError(f"keep={keep}: keep at least one checkpoint.")
     if "://" not in directory:
       directory = os.path.abspath(directory)
     self.directory = directory
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           cleanup_tmp_directories=cleanup_tmp_directories)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only,
+        cleanup_tmp_directories=cleanup_tmp_directories and not read_only)
     self._manager = ocp.CheckpointManager(
         directory, options=options, item_names=tuple(item_names) if item_names else None)
 
@@ -72,6 +83,10 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     """The newest step Orbax knows of (complete or not; see ``RunCheckpointer.all_epochs``)."""
     return self._manager.latest_step()
+
+  def reload(self) -> None:
+    """Re-reads the checkpoint folder (after another process changed it)."""
+    self._manager.reload()
 
   def all_steps(self) -> list:
     return sorted(self._manager.all_steps())
@@ -112,8 +127,11 @@ class RunCheckpointer(Checkpointer):
     keep: how many of the newest checkpoints to keep.
   """
 
-  def __init__(self, directory: str, keep: int = 3):
-    super().__init__(directory, keep, item_names=("state", "host"))
+  def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+    super().__init__(directory, keep, item_names=("state", "host"), read_only=read_only)
+    # Epochs found unreadable by the last ``restore`` (newest first), and the one it used.
+    self.unreadable: List[int] = []
+    self.restored_epoch: Optional[int] = None
 
   def _is_complete(self, epoch: int) -> bool:
     return (epath.Path(self.directory) / str(epoch) / COMPLETION_MARKER).exists()
@@ -152,18 +170,101 @@ class RunCheckpointer(Checkpointer):
     self.save_items(epoch, {"state": state}, {"host": host})
 
   def restore(self, abstract_state: Any, epoch: Optional[int] = None) -> Tuple[Any, dict]:
-    """Restores (state, host) of ``epoch`` (default: the latest).
+    """Restores (state, host) of ``epoch``, or of the newest readable checkpoint.
+
+    Without ``epoch``, checkpoints are tried newest first; when some cannot be read, one
+    warning names them and the epoch used (``self.unreadable``, ``self.restored_epoch``).
 
     Args:
       abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with ``sharding``) or arrays
         giving the structure, dtypes and placement to restore into.
-      epoch: which checkpoint.
+      epoch: which checkpoint (no fallback when given).
+    Raises:
+      CheckpointError: no checkpoint, no such epoch, or none readable (one line each).
     """
-    epoch = self.latest_epoch() if epoch is None else epoch
-    if epoch is None:
+    epochs = self.all_epochs()
+    if not epochs:
       raise CheckpointError(f"No checkpoint in {self.directory!r}.")
-    if epoch not in self.all_epochs():
+    if epoch is not None and epoch not in epochs:
       raise CheckpointError(f"No checkpoint for epoch {epoch} in {self.directory!r}; "
-                            f"available: {self.all_epochs()}.")
-    restored = self.restore_items(epoch, {"state": abstract_state}, ("host",))
-    return restored["state"], restored["host"]
+                            f"available: {epochs}.")
+    candidates = [epoch] if epoch is not None else sorted(epochs, reverse=True)
+    self.unreadable, self.restored_epoch = [], None
+    reasons = []
+    _filter_abandoned_read_noise()
+    for candidate in candidates:
+      try:
+        restored = self.restore_items(candidate, {"state": abstract_state}, ("host",))
+      except Exception as e:  # pylint: disable=broad-except  (TensorStore, OSError, ...)
+        _collect_abandoned_reads()
+        self.unreadable.append(candidate)
+        reasons.append(f"epoch {candidate}: {first_line(e)}")
+        continue
+      self.restored_epoch = candidate
+      if self.unreadable:
+        logging.warning(
+            "Checkpoint(s) of epoch %s in %s cannot be read (%s); using epoch %d, the newest "
+            "readable one.", ", ".join(map(str, self.unreadable)), self.directory,
+            reasons[0], candidate)
+      return restored["state"], restored["host"]
+    if epoch is not None:
+      raise CheckpointError(f"The checkpoint of epoch {epoch} in {self.directory!r} cannot be "
+                            f"read ({reasons[0]}); available: {epochs}.")
+    raise CheckpointError(f"No checkpoint in {self.directory!r} can be read ({'; '.join(reasons)}"
+                          "); delete the run folder or restore its checkpoints from a copy.")
+
+  def move_aside(self, epochs: Sequence[int]) -> str:
+    """Moves the folders of ``epochs`` to ``<directory>_unreadable/`` (kept, not deleted), so
+    a resuming run can write those epochs again. Returns that folder."""
+    target = epath.Path(self.directory.rstrip("/") + UNREADABLE_SUFFIX)
+    target.mkdir(parents=True, exist_ok=True)
+    for epoch in epochs:
+      destination = target / str(epoch)
+      if destination.exists():
+        destination.rmtree()
+      (epath.Path(self.directory) / str(epoch)).rename(destination)
+    self._manager.reload()
+    return os.fspath(target)
+
+
+def _is_abandoned_read_noise(unraisable) -> bool:
+  """An exception Python reports from the reads a failed restore abandons: the coroutine's
+  TensorStore error, or a late callback into Orbax's already closed event loop."""
+  error = unraisable.exc_value
+  text = str(error)
+  return ("TensorStore" in text or "reading array index" in text
+          or (isinstance(error, RuntimeError) and "Event loop is closed" in text))
+
+
+def _filter_abandoned_read_noise() -> None:
+  """From now on drops Python's reports of the reads a failed restore abandons (one per
+  array, each a traceback with a TensorStore spec or a closed event loop); any other
+  unraisable exception is reported as usual. Idempotent."""
+  previous = sys.unraisablehook
+  if not getattr(previous, "_rl4pix_filter", False):
+    def hook(unraisable):
+      if not _is_abandoned_read_noise(unraisable):
+        previous(unraisable)
+    hook._rl4pix_filter = True  # pylint: disable=protected-access
+    sys.unraisablehook = hook
+  previous_excepthook = sys.excepthook
+  if not getattr(previous_excepthook, "_rl4pix_filter", False):
+    # TensorStore's I/O threads report their late callbacks with PyErr_Print (sys.excepthook).
+    def excepthook(kind, value, tb):
+      if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+        previous_excepthook(kind, value, tb)
+    excepthook._rl4pix_filter = True  # pylint: disable=protected-access
+    sys.excepthook = excepthook
+
+
+def _collect_abandoned_reads() -> None:
+  """Collects the read coroutines a failed restore leaves behind (quietly, see above)."""
+  _filter_abandoned_read_noise()
+  gc.collect()
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+  """The first line of an exception's message, at most ``limit`` characters (TensorStore
+  errors run to hundreds of lines)."""
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -100,3 +100,14 @@ def test_export_cli_without_config_names_it(tmp_path):
   done = run_cli("launch.export", f"--workdir={tmp_path}", f"--output={tmp_path / 'x'}",
                  tmp=tmp_path)
   assert done.returncode == 2 and "config.json" in done.stderr
+
+
+def test_export_carries_the_sampler_and_plain_file_modes(tiny_run, exported):
+  workdir, _ = tiny_run
+  sampler = export.read_sampler(str(exported))
+  want = run_loading.read_run_config(str(workdir)).sampler
+  assert sampler == {k: want[k] for k in export.SAMPLER_KEYS}
+  assert run_loading.load_pretrained_editor(str(exported)).sampler_defaults == sampler
+  modes = {os.stat(os.path.join(root, n)).st_mode & 0o777
+           for root, _, names in os.walk(exported) for n in names}
+  assert len(modes) == 1, modes  # .safetensors as readable as the JSON files

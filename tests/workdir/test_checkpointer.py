@@ -74,3 +74,60 @@ def test_torn_write_leaves_previous_checkpoint_usable(tmp_path):
 def test_all_finite():
   assert checkpointing.all_finite({"a": jnp.ones(2), "i": jnp.arange(3)})
   assert not checkpointing.all_finite({"a": jnp.array([1.0, jnp.inf])})
+
+
+def truncate_largest_data_file(checkpoint_folder, every: bool = False) -> list:
+  """Cuts the largest array data file of a checkpoint folder (``every``: each of them) in half,
+  as a torn copy or a full disk would; returns their paths. (Small arrays, such as a tiny
+  LoRA state's, are stored inline in the index files under ``<item>/d/``, hence ``every``.)"""
+  files = [os.path.join(d, n) for d, _, names in os.walk(checkpoint_folder) for n in names
+           if os.path.basename(d) == "d"]
+  paths = files if every else [max((f for f in files if "ocdbt.process_" in f),
+                                   key=os.path.getsize)]
+  for path in paths:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  return paths
+
+
+def _big_state(scale=1.0):
+  """Arrays large enough to get their own data files (small ones are inlined in the index)."""
+  return {"w": jnp.arange(2 ** 16, dtype=jnp.float32) * scale, "step": jnp.int32(4)}
+
+
+def test_unreadable_newest_checkpoint_falls_back_with_one_warning(tmp_path, caplog):
+  root = str(tmp_path / "ckpt")
+  ckpt = checkpointing.RunCheckpointer(root, keep=3)
+  for epoch in (1, 2, 3):
+    ckpt.save(epoch, _big_state(epoch), {"epoch": epoch})
+  ckpt.close()
+  truncate_largest_data_file(os.path.join(root, "3"))
+  reopened = checkpointing.RunCheckpointer(root, read_only=True)
+  with caplog.at_level("WARNING"):
+    state, host = reopened.restore(_big_state())
+  assert host["epoch"] == 2 and reopened.restored_epoch == 2 and reopened.unreadable == [3]
+  np.testing.assert_array_equal(state["w"], _big_state(2)["w"])
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "epoch 3" in warnings[0] and "using epoch 2" in warnings[0]
+  assert "\n" not in warnings[0]
+  # An explicit epoch does not fall back: one line naming it.
+  with pytest.raises(checkpointing.CheckpointError, match="epoch 3 .* cannot be read") as e:
+    reopened.restore(_big_state(), epoch=3)
+  assert "\n" not in str(e.value)
+  # A resuming run moves it aside (kept) and can write epoch 3 again.
+  aside = reopened.move_aside(reopened.unreadable)
+  assert os.listdir(aside) == ["3"] and reopened.all_epochs() == [1, 2]
+  reopened.save(3, _big_state(3), {"epoch": 3})
+  assert reopened.restore(_big_state())[1]["epoch"] == 3
+  reopened.close()
+
+
+def test_no_readable_checkpoint_is_one_line(tmp_path):
+  root = str(tmp_path / "ckpt")
+  ckpt = checkpointing.RunCheckpointer(root)
+  ckpt.save(1, _big_state(), {"epoch": 1})
+  ckpt.close()
+  truncate_largest_data_file(os.path.join(root, "1"))
+  with pytest.raises(checkpointing.CheckpointError, match="can be read") as e:
+    checkpointing.RunCheckpointer(root, read_only=True).restore(_big_state())
+  assert "\n" not in str(e.value)
