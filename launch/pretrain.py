@@ -35,6 +35,9 @@ _QUICK_CHECK = flags.DEFINE_integer("quick_check", 0,
                                     "After the unet stage, edit this many validation examples "
                                     "and print check_edit rates (0: skip).")
 _GRID = flags.DEFINE_string("grid", "", "With --quick_check: write a source|edit|target PNG.")
+_WEIGHTS = flags.DEFINE_enum("quick_check_weights", "ema", ["ema", "online"],
+                             "With --quick_check: the stage's params (the EMA) or the online "
+                             "weights of its newest checkpoint (needs its optimizer state).")
 
 TRAINERS = {"vae": vae_training.train_vae, "clip": clip_training.train_clip,
             "unet": editor_training.train_editor}
@@ -53,7 +56,9 @@ def main(argv):
   if _QUICK_CHECK.value and stage == "unet":
     from rl4pix_jax.pretrain import editor_check
 
-    results = editor_check.evaluate_editor_quickly(config, _WORKDIR.value,
+    online = (editor_training.latest_online_params(_WORKDIR.value)
+              if _WEIGHTS.value == "online" else None)
+    results = editor_check.evaluate_editor_quickly(config, _WORKDIR.value, unet_params=online,
                                                    num_examples=_QUICK_CHECK.value,
                                                    grid_path=_GRID.value or None)
     results.pop("per_example")

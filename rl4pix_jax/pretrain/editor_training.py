@@ -195,6 +195,27 @@ def initial_train_state(params, optimizer: optax.GradientTransformation) -> Dict
           "updates": jnp.zeros((), jnp.int32)}
 
 
+def latest_online_params(workdir: str):
+  """The online (non-EMA) UNet weights of the unet stage's newest checkpoint.
+
+  Raises:
+    ValueError: the checkpoint holds params only (e.g. a shipped stage).
+  """
+  manager = ckpt.checkpoint_manager(workdir, "unet")
+  step = manager.latest_step()
+  try:
+    if step is None:
+      raise ValueError(f"No unet checkpoint in {ckpt.stage_dir(workdir, 'unet')!r}.")
+    try:
+      state = manager.restore_items(step, {"opt_state": None})["opt_state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"The unet checkpoint of step {step} in {workdir!r} holds no optimizer "
+                       "state (a shipped stage keeps the EMA params only).") from e
+  finally:
+    manager.close()
+  return state["online"]
+
+
 def conditioning_dropout_masks(key: jax.Array, batch: int, text_dropout: float,
                                image_dropout: float, both_dropout: float):
   """(drop_text, drop_image), each (B,) bool (rates and layout: see the module docstring)."""

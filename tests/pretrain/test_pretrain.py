@@ -222,6 +222,17 @@ def test_editor_step_keeps_the_ema_of_the_online_weights(trained_workdir):
                jax.tree.map(np.asarray, ema), start, online)
 
 
+def test_latest_online_params_are_the_non_ema_weights(trained_workdir):
+  _, workdir = trained_workdir
+  ema, _ = ckpt.latest_stage_params(workdir, "unet")
+  online = editor_training.latest_online_params(workdir)
+  assert jax.tree.structure(online) == jax.tree.structure(ema)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(online),
+                                                         jax.tree.leaves(ema)))
+  with pytest.raises(ValueError, match="no optimizer state"):
+    editor_training.latest_online_params(layout.SHIPPED_EDITOR_DIR)
+
+
 def test_ema_decay_warms_up_to_its_value():
   assert float(editor_training.ema_decay_at(0.999, 0)) == pytest.approx(0.1)
   assert float(editor_training.ema_decay_at(0.999, 90)) == pytest.approx(0.91)
