@@ -56,20 +56,6 @@ flags.DEFINE_string("size", None, "Working size HxW (e.g. 64x64) to edit at inst
                     "always resized back to each input's own size.")
 
 
-def parse_size(text: str) -> Tuple[int, int]:
-  """``"HxW"`` or ``"S"`` -> (H, W) pixels; ValueError naming the flag otherwise."""
-  parts = text.lower().split("x")
-  try:
-    size = tuple(int(p) for p in parts)
-  except ValueError:
-    size = ()
-  if len(size) == 1:
-    size = size * 2
-  if len(size) != 2 or min(size) < 1:
-    raise ValueError(f"--size={text!r}: expected HxW in pixels, e.g. --size=64x64.")
-  return size
-
-
 def list_images(path: str) -> List[str]:
   """The image files of a folder (sorted by name), or [path] for a file."""
   if os.path.isdir(path):
@@ -138,7 +124,7 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
   if not inputs:
     return _fail(f"No images ({', '.join(IMAGE_SUFFIXES)}) in the folder {FLAGS.image!r}.")
   try:
-    size = parse_size(FLAGS.size) if FLAGS.size else None
+    size = editing.parse_size(FLAGS.size, "--size") if FLAGS.size else None
   except ValueError as e:
     return _fail(str(e))
   single_file = not os.path.isdir(FLAGS.image) and FLAGS.output.lower().endswith(".png")

@@ -108,6 +108,20 @@ def prepare_image(image: ImageLike, size: Tuple[int, int]) -> np.ndarray:
   return resize_uint8(to_uint8_rgb(image), size).astype(np.float32) / 127.5 - 1.0
 
 
+def parse_size(text: str, name: str = "size") -> Tuple[int, int]:
+  """``"HxW"`` or ``"S"`` -> (H, W) pixels; ValueError naming ``name`` otherwise."""
+  parts = text.lower().split("x")
+  try:
+    size = tuple(int(p) for p in parts)
+  except ValueError:
+    size = ()
+  if len(size) == 1:
+    size = size * 2
+  if len(size) != 2 or min(size) < 1:
+    raise ValueError(f"{name}={text!r}: expected HxW in pixels, e.g. {name}=64x64.")
+  return size
+
+
 def editing_size(height: int, width: int, multiple: int,
                  size: Optional[Tuple[int, int]] = None,
                  resolution: Optional[int] = None) -> Tuple[int, int]:

@@ -123,6 +123,14 @@ def test_every_image_mode_is_converted_by_its_meaning(tmp_path):
   np.testing.assert_array_equal(editing.to_uint8_rgb(palette)[0, 0], (0, 0, 255))
 
 
+def test_size_text_parses_hxw_or_one_side():
+  assert editing.parse_size("64x48") == (64, 48)
+  assert editing.parse_size("32") == (32, 32)
+  for bad in ("64x", "axb", "0x32", "1x2x3"):
+    with pytest.raises(ValueError, match="--size="):
+      editing.parse_size(bad, "--size")
+
+
 def test_working_size_rule():
   assert editing.editing_size(300, 200, 4) == (300, 200)  # multiples of 4: as is
   assert editing.editing_size(35, 42, 4) == (32, 40)  # rounded down

@@ -153,13 +153,20 @@ def test_find_errors_name_both_strings(tokenizer):
   for text, phrase, max_tokens, message in cases:
     with pytest.raises(ValueError, match=message) as info:
       tk.find_token_positions(tokenizer, text, phrase, max_tokens)
-    assert repr(phrase) in str(info.value) and repr(text) in str(info.value)
+    # Both strings are named; user text is quoted up to tk.QUOTE_LIMIT characters.
+    assert repr(phrase) in str(info.value) and tk.quote(text) in str(info.value)
   # The last position before the end token is still inside; one further is not.
   text = "word " * 74 + "cat"
   index, _ = tk.find_token_positions(tokenizer, text, "cat", 1)
   assert index[0] == 75
   with pytest.raises(ValueError, match="beyond"):
     tk.find_token_positions(tokenizer, "word " + text, "cat", 1)
+
+
+def test_quote_shortens_long_user_text():
+  assert tk.quote("a cat") == "'a cat'"
+  long = "word " * 80
+  assert tk.quote(long) == f"{long[:tk.QUOTE_LIMIT]!r}... (400 characters)"
 
 
 def test_find_batch(tokenizer):

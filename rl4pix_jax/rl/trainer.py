@@ -114,7 +114,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
                                                 config.ppo.stat_min_count)
   start_epoch, host, unreadable = 0, None, []
   directory = layout.run_checkpoint_dir(workdir)
-  if "://" in directory or os.path.isdir(directory):
+  exists = "://" in directory or os.path.isdir(directory)
+  if jax.process_count() > 1:
+    # One answer for every process, taken before any of them writes: otherwise a process that
+    # looks after another created the folder opens a reader the others do not (and Orbax's
+    # directory barrier then pairs mismatched names).
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+  if exists:
     reader = checkpointing.RunCheckpointer(directory, keep=config.train.keep_checkpoints,
                                            read_only=True)
     try:

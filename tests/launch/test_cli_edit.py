@@ -106,12 +106,3 @@ def test_run_loading_errors_and_fallback(tiny_run, tmp_path):
     run_loading.load_run(str(empty), use_rl=True)
   run = run_loading.load_run(str(empty))  # falls back to the starting editor
   assert run.epoch is None and run.editor.params is run.setup.params
-
-
-def test_size_flag_parses_hxw_or_one_side():
-  from launch import edit  # pylint: disable=import-outside-toplevel
-  assert edit.parse_size("64x48") == (64, 48)
-  assert edit.parse_size("32") == (32, 32)
-  for bad in ("64x", "axb", "0x32", "1x2x3"):
-    with pytest.raises(ValueError, match="--size"):
-      edit.parse_size(bad)
