@@ -74,11 +74,9 @@ def evaluate_editor_quickly(config, workdir: str, unet_params: Optional[Any] = N
     dataset_dir = data_lib.ensure_shapes_dataset(config, workdir)
     examples = data_lib.load_examples(dataset_dir, "validation", num_examples)
   examples = list(examples)
-  to_float = lambda key: np.stack([getattr(e, key) for e in examples]).astype(
-      np.float32) / 127.5 - 1.0
-  arrays = {"source": to_float("source"), "target": to_float("target"),
-            "input_ids": tokenizer_lib.tokenize(tokenizer_lib.load_clip_tokenizer(),
-                                                [e.instruction for e in examples])}
+  arrays = dict(editor_training.example_images(examples),
+                input_ids=tokenizer_lib.tokenize(tokenizer_lib.load_clip_tokenizer(),
+                                                 [e.instruction for e in examples]))
   encoded = editor_training.encode_split(encoders, arrays)
   empty = editor_training.empty_prompt_states(encoders.text_model, encoders.text_params)
   count = len(examples)

@@ -118,10 +118,14 @@ def generated_train_examples(seed: int, count: int, resolution: int,
   for start in range(0, count, chunk):
     examples = [shapes.make_example(stream, i, resolution)
                 for i in range(start, min(start + chunk, count))]
-    to_float = lambda key: np.stack([getattr(e, key) for e in examples]).astype(
-        np.float32) / 127.5 - 1.0
-    yield {"source": to_float("source"), "target": to_float("target"),
-           "instruction": [e.instruction for e in examples]}
+    yield dict(example_images(examples), instruction=[e.instruction for e in examples])
+
+
+def example_images(examples) -> Dict[str, np.ndarray]:
+  """``source``/``target`` (n, R, R, 3) float32 in [-1, 1] of shapes examples (as ``data.loader``
+  decodes them)."""
+  return {key: np.stack([getattr(e, key) for e in examples]).astype(np.float32) / 127.5 - 1.0
+          for key in ("source", "target")}
 
 
 def encode_generated_examples(encoders: FrozenEncoders, seed: int, count: int,
