@@ -19,6 +19,7 @@ under ``<checkpoints>/../checkpoints_unreadable/`` so it can write those epochs 
 from __future__ import annotations
 
 import gc
+import logging as std_logging
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -227,19 +228,44 @@ class RunCheckpointer(Checkpointer):
     return os.fspath(target)
 
 
-def _is_abandoned_read_noise(unraisable) -> bool:
-  """An exception Python reports from the reads a failed restore abandons: the coroutine's
-  TensorStore error, or a late callback into Orbax's already closed event loop."""
-  error = unraisable.exc_value
+def _is_abandoned_read_error(error: Optional[BaseException]) -> bool:
+  """Whether ``error`` comes from a read a failed restore abandoned: a TensorStore error
+  (its message carries a ``tensorstore_spec`` or names the array being read), or a late
+  callback into Orbax's already closed event loop."""
+  if error is None:
+    return False
   text = str(error)
-  return ("TensorStore" in text or "reading array index" in text
+  return ("tensorstore" in text.lower() or "reading array index" in text
           or (isinstance(error, RuntimeError) and "Event loop is closed" in text))
+
+
+def _is_abandoned_read_noise(unraisable) -> bool:
+  """An exception Python reports (``sys.unraisablehook``) from an abandoned read."""
+  return _is_abandoned_read_error(unraisable.exc_value)
+
+
+class _AbandonedReadLogFilter(std_logging.Filter):
+  """Drops asyncio's "Future exception was never retrieved" records for abandoned reads.
+
+  When one array of a restore fails, asyncio logs every other failed read future on the
+  ``asyncio`` logger as it is garbage-collected (whenever that is), each with a
+  TensorStore traceback; other asyncio records pass."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None and isinstance(getattr(record, "args", None), dict):
+      error = record.args.get("exception")
+    return not _is_abandoned_read_error(error)
+
+
+_ASYNCIO_FILTER = _AbandonedReadLogFilter()
 
 
 def _filter_abandoned_read_noise() -> None:
   """From now on drops Python's reports of the reads a failed restore abandons (one per
-  array, each a traceback with a TensorStore spec or a closed event loop); any other
-  unraisable exception is reported as usual. Idempotent."""
+  array, each a traceback with a TensorStore spec or a closed event loop), through
+  ``sys.unraisablehook``, ``sys.excepthook`` and the ``asyncio`` logger; any other report
+  passes as usual. Idempotent."""
   previous = sys.unraisablehook
   if not getattr(previous, "_rl4pix_filter", False):
     def hook(unraisable):
@@ -255,6 +281,9 @@ def _filter_abandoned_read_noise() -> None:
         previous_excepthook(kind, value, tb)
     excepthook._rl4pix_filter = True  # pylint: disable=protected-access
     sys.excepthook = excepthook
+  asyncio_logger = std_logging.getLogger("asyncio")
+  if _ASYNCIO_FILTER not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_ASYNCIO_FILTER)
 
 
 def _collect_abandoned_reads() -> None:

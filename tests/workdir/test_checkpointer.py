@@ -131,3 +131,38 @@ def test_no_readable_checkpoint_is_one_line(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match="can be read") as e:
     checkpointing.RunCheckpointer(root, read_only=True).restore(_big_state())
   assert "\n" not in str(e.value)
+
+
+def test_asyncio_reports_of_abandoned_reads_are_dropped_and_others_kept():
+  """asyncio logs each failed read future of an abandoned restore when it is collected,
+  at any later time ("Future exception was never retrieved"); those records are dropped,
+  any other asyncio record passes."""
+  import asyncio
+  import gc
+  import logging as std_logging
+
+  checkpointing._filter_abandoned_read_noise()
+  seen = []
+
+  class Collect(std_logging.Handler):
+    def emit(self, record):
+      seen.append(record.getMessage())
+
+  logger = std_logging.getLogger("asyncio")
+  handler = Collect()
+  logger.addHandler(handler)
+  try:
+    def never_retrieved(message):
+      loop = asyncio.new_event_loop()
+      future = loop.create_future()
+      future.set_exception(ValueError(message))
+      del future
+      gc.collect()
+      loop.close()
+
+    never_retrieved('OUT_OF_RANGE: Error reading "x" [tensorstore_spec=\'{}\']')
+    assert not seen
+    never_retrieved("an unrelated failure")
+    assert len(seen) == 1 and "never retrieved" in seen[0]
+  finally:
+    logger.removeHandler(handler)
