@@ -19,6 +19,8 @@ Each ``next(iterator)`` returns an ``EditBatch``: ``arrays`` (numpy only, for ji
   arrays["source_caption_ids"]  (B, L) int32 CLIP ids of the source caption
   arrays["example_index"]       (B,) int64 index of the record in its split
   arrays["task"]                (B,) int32 index into ``records.TASKS``
+  arrays["check_*"]             shapes data only: the programmatic check's targets
+                                (``shapes_check.check_targets``), stacked over the batch
   texts[name]                   list of B str for example_id, instruction, object_phrase,
                                 source_caption, target_caption
 
@@ -40,6 +42,8 @@ import numpy as np
 
 from rl4pix_jax import tokenizer as tokenizer_lib
 from rl4pix_jax.data import records
+from rl4pix_jax.data import shapes
+from rl4pix_jax.data import shapes_check
 
 TEXT_KEYS = ("example_id", "instruction", "object_phrase", "source_caption", "target_caption")
 MAX_BAD_MESSAGES = 20
@@ -136,6 +140,16 @@ def decode_for_batch(index: int, record: Dict[str, Any], resolution: int,
     if skip_bad_records:
       return BadRecord(index, str(e))
     raise
+  if decoded["description"].startswith("{"):  # a shapes scene: what its check compares with
+    try:
+      edit, source_scene, _ = shapes.description_edit(decoded["description"])
+    except ValueError as e:
+      error = records.RecordError(records.record_name(record, index), "description", str(e))
+      if skip_bad_records:
+        return BadRecord(index, str(error))
+      raise error from e
+    decoded.update(shapes_check.check_targets(edit, source_scene.background, decoded["mask"],
+                                              decoded["mask"].shape[0]))
   decoded["source"] = decoded["source"].astype(np.float32) / 127.5 - 1.0
   decoded["target"] = decoded["target"].astype(np.float32) / 127.5 - 1.0
   decoded["example_index"] = index
@@ -241,6 +255,9 @@ class EditBatchIterator:
         "example_index": np.asarray([e["example_index"] for e in examples], np.int64),
         "task": np.asarray([e["task"] for e in examples], np.int32),
     }
+    for key in shapes_check.CHECK_TARGET_KEYS:  # shapes data only (all or none of a batch)
+      if all(key in e for e in examples):
+        arrays[key] = np.stack([e[key] for e in examples])
     texts = {key: [e[key] for e in examples] for key in TEXT_KEYS}
     return EditBatch(arrays, texts)
 

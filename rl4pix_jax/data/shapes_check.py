@@ -117,3 +117,49 @@ def check_edit(edited_image: np.ndarray, example: shapes.ShapesEditExample) -> D
       "preserved_ok": float(preserved_ok),
       "success": float(edit_ok and preserved_ok),
   }
+
+
+# Keys of ``check_targets`` (the loader adds them to shapes batches; the ``shapes_check``
+# reward reads them from ``RewardInputs.shapes_check``).
+CHECK_TARGET_KEYS = ("check_region", "check_before", "check_outside", "check_colours",
+                     "check_colour", "check_removal", "check_has_before")
+KIND_OBJECT, KIND_REMOVAL = 0, 1
+
+
+def check_targets(edit: shapes.Edit, background: str, mask: np.ndarray,
+                  resolution: int) -> Dict[str, np.ndarray]:
+  """What :func:`check_edit` compares an edit with, as arrays a jitted reward can read.
+
+  Args:
+    edit: the example's edit (``example.edit``).
+    background: the source scene's background name.
+    mask: (R, R) float edit mask in [0, 1] (binarised at 0.5, as ``example_from_record``).
+    resolution: R.
+
+  Returns:
+    dict of ``check_region`` (R, R) float32 0/1: the requested object's region (insertion,
+    replacement, transformation) or the removed object's (removal); ``check_before`` (R, R)
+    float32 0/1: the edited object's source region (replacement, transformation; zeros
+    otherwise); ``check_outside`` (R, R) float32 0/1: outside the edit mask;
+    ``check_colours`` (C, 3) float32 0..255: the palette then the background colour (the
+    classes of ``colour_classes``); ``check_colour`` () int32: the class of the requested
+    (or removed) colour; ``check_removal`` () int32 1 for removal; ``check_has_before`` ()
+    float32 1 when ``check_before`` applies.
+  """
+  names = list(sc.PALETTE) + ["background"]
+  colours = np.asarray(list(sc.PALETTE.values()) + [sc.BACKGROUNDS[background]], np.float32)
+  binary = (np.asarray(mask) >= 0.5)
+  obj = edit.after if edit.after is not None else edit.before
+  region = shapes_render.object_coverage(obj, resolution) >= 0.5
+  has_before = edit.after is not None and edit.before is not None
+  before = (shapes_render.object_coverage(edit.before, resolution) >= 0.5 if has_before
+            else np.zeros_like(region))
+  return {
+      "check_region": region.astype(np.float32),
+      "check_before": before.astype(np.float32),
+      "check_outside": (~binary).astype(np.float32),
+      "check_colours": colours,
+      "check_colour": np.int32(names.index(obj.color)),
+      "check_removal": np.int32(KIND_REMOVAL if edit.after is None else KIND_OBJECT),
+      "check_has_before": np.float32(has_before),
+  }

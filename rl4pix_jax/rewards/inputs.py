@@ -32,6 +32,8 @@ class RewardInputs:
     caption_ids: (B, L) int32 CLIP ids of the target caption.
     source_caption_ids: (B, L) int32 CLIP ids of the source caption.
     input_ids: (B, L) int32 CLIP ids of the instruction.
+    shapes_check: the shapes check's per-example targets (``data.shapes_check.check_targets``
+      stacked over the batch, a dict of (B, ...) arrays), or None for other datasets.
   """
   edited_images: Optional[jnp.ndarray] = None
   source_images: Optional[jnp.ndarray] = None
@@ -41,6 +43,7 @@ class RewardInputs:
   caption_ids: Optional[jnp.ndarray] = None
   source_caption_ids: Optional[jnp.ndarray] = None
   input_ids: Optional[jnp.ndarray] = None
+  shapes_check: Optional[Mapping[str, jnp.ndarray]] = None
 
   def require(self, *names: str, reward: str) -> None:
     """Raises a ValueError naming the fields among ``names`` that are None."""

@@ -28,6 +28,7 @@ import numpy as np
 import tqdm
 
 from rl4pix_jax import parallel, visualize
+from rl4pix_jax.data import shapes_check
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.rewards import RewardInputs
 from rl4pix_jax.rl import advantages as advantages_lib
@@ -68,6 +69,11 @@ def _host(x) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def _check_keys(arrays: Dict[str, Any]) -> tuple:
+  """The shapes check's target keys present in a batch (none for other datasets)."""
+  return tuple(k for k in shapes_check.CHECK_TARGET_KEYS if k in arrays)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
@@ -189,7 +195,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
         arrays = parallel.global_batch_from_process_local(
             {k: batch.arrays[k] for k in ("source", "mask", "input_ids", "token_index",
                                           "token_mask", "caption_ids",
-                                          "source_caption_ids", "example_index")}, mesh)
+                                          "source_caption_ids", "example_index")
+             + _check_keys(batch.arrays)}, mesh)
         cond = fns.encode(fns.frozen_params, arrays)
         trajectory = fns.sampler(current_unet, cond, jax.random.fold_in(epoch_key, i), guidance)
         edited = fns.decode(fns.frozen_params, trajectory.final_latents)
@@ -207,7 +214,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
             edited_images=edited, source_images=source_01, mask=arrays["mask"],
             attention_maps=trajectory.attention_maps, reference_region=region,
             caption_ids=arrays["caption_ids"], source_caption_ids=arrays["source_caption_ids"],
-            input_ids=arrays["input_ids"])
+            input_ids=arrays["input_ids"],
+            shapes_check={k: arrays[k] for k in _check_keys(arrays)} or None)
         reward, parts, map_gradient = fns.reward_fn(fns.clip_params, inputs)
         map_gradients.append(map_gradient)
         samples.append((cond, trajectory))

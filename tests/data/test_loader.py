@@ -9,6 +9,7 @@ from rl4pix_jax import tokenizer as tokenizer_lib
 from rl4pix_jax.data import loader
 from rl4pix_jax.data import records
 from rl4pix_jax.data import shapes
+from rl4pix_jax.data import shapes_scene
 from rl4pix_jax.data import shapes_edit_builder
 from tests.data.test_data_builders import tfds_tmpdir
 
@@ -56,6 +57,11 @@ def test_batch_format(tokenizer, shape_records):
       "token_index": ((b, 6), np.int32), "token_mask": ((b, 6), np.bool_),
       "caption_ids": ((b, 77), np.int32), "source_caption_ids": ((b, 77), np.int32),
       "example_index": ((b,), np.int64), "task": ((b,), np.int32),
+      # the shapes check's targets (shapes data only)
+      "check_region": ((b, r, r), np.float32), "check_before": ((b, r, r), np.float32),
+      "check_outside": ((b, r, r), np.float32), "check_colours": ((b, len(shapes_scene.PALETTE) + 1, 3), np.float32),
+      "check_colour": ((b,), np.int32), "check_removal": ((b,), np.int32),
+      "check_has_before": ((b,), np.float32),
   }
   assert {k: (v.shape, v.dtype.type) for k, v in arrays.items()} == expected
   assert -1.0 <= arrays["source"].min() and arrays["source"].max() <= 1.0

@@ -358,8 +358,9 @@ def red_inside_mask(inputs, context):
 
 def test_registry_lookup_and_errors():
   assert rewards.get_reward("test_red_inside_mask") is red_inside_mask
-  assert {"attention", "clip", "preservation"} <= set(rewards.registered_rewards())
-  with pytest.raises(KeyError, match="registered rewards: attention, clip, preservation"):
+  assert {"attention", "change_inside", "clip", "preservation", "shapes_check"} <= set(
+      rewards.registered_rewards())
+  with pytest.raises(KeyError, match="registered rewards: attention, change_inside, clip, preservation, shapes_check"):
     rewards.get_reward("colour")
   with pytest.raises(ValueError, match="already registered"):
     rewards.register_reward("preservation")(red_inside_mask)
@@ -474,7 +475,7 @@ def test_make_reward_fn_rejects_bad_configs(clip_models):
   _, text_model, vision_model, _ = clip_models
   make = lambda models=(text_model, vision_model), **kw: rewards.make_reward_fn(
       _reward_config(**kw), *models)
-  with pytest.raises(KeyError, match="registered rewards: attention, clip, preservation"):
+  with pytest.raises(KeyError, match="registered rewards: attention, change_inside, clip, preservation, shapes_check"):
     rewards.make_reward_fn(_reward_config(extra={"colour_check": 1.0}), text_model,
                            vision_model)
   with pytest.raises(ValueError, match="set c.reward.clip_weight instead"):
