@@ -141,6 +141,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # 0.285, attention mass inside the mask 0.057): 0 -> 0.255 / 0.058, 0.1 -> 0.260 / 0.276,
   # 1.0 -> 0.160 / 0.239. See README, "PPO".
   c.ppo.attention_pathwise_weight = 0.1
+  # KL penalty to the starting policy per trained step (closed form between the two Gaussian
+  # DDIM steps, in the per-dimension log-prob unit); 0 = off (DPOK / Flow-GRPO use one).
+  c.ppo.kl_weight = 0.0
+  # Trained steps come from positions [start T, end T) of the T steps, noisiest first
+  # (0.0, 0.5 = the high-noise half); timestep_fraction is of that window.
+  c.ppo.train_window_start = 0.0
+  c.ppo.train_window_end = 1.0
+  # "per_prompt": DDPO's per-prompt ring buffers (stat_buffer_size, stat_min_count); "group":
+  # GRPO's statistics of the samples_per_prompt samples of a prompt in this epoch, divided
+  # by the group's ("group") or the epoch's ("global") std; skip_zero_spread zeroes the
+  # advantages of groups whose rewards are all equal.
+  c.ppo.advantage_mode = "per_prompt"
+  c.ppo.advantage_std = "group"
+  c.ppo.skip_zero_spread = False
 
   # ---- RL loop ----------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()

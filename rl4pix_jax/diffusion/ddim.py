@@ -141,6 +141,42 @@ def ddim_std(schedule: DDIMSchedule, timestep, prev_timestep, eta) -> jnp.ndarra
   return jnp.asarray(eta, jnp.float32) * jnp.sqrt(variance)
 
 
+def step_mean(
+    schedule: DDIMSchedule,
+    model_output: jnp.ndarray,
+    timestep: jnp.ndarray,
+    prev_timestep: jnp.ndarray,
+    sample: jnp.ndarray,
+    eta: float | jnp.ndarray,
+) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """The Gaussian of one DDIM step x_t -> x_{t-1}: ``(mean (B, h, w, c), std)`` float32,
+  std broadcastable to the mean (sigma_t of :func:`ddim_std`, not floored). Arguments as
+  :func:`ddim_step`."""
+  ndim = sample.ndim
+  sample = sample.astype(jnp.float32)
+  model_output = model_output.astype(jnp.float32)
+  timestep = jnp.asarray(timestep)
+  prev_timestep = jnp.asarray(prev_timestep)
+  alpha = _per_sample(schedule.alphas_cumprod[timestep], ndim)
+  alpha_prev = _per_sample(_alpha_prev(schedule, prev_timestep), ndim)
+  beta = 1 - alpha
+  if schedule.prediction_type == "epsilon":
+    pred_x0 = (sample - jnp.sqrt(beta) * model_output) / jnp.sqrt(alpha)
+    pred_eps = model_output
+  elif schedule.prediction_type == "v_prediction":
+    pred_x0 = jnp.sqrt(alpha) * sample - jnp.sqrt(beta) * model_output
+    pred_eps = jnp.sqrt(alpha) * model_output + jnp.sqrt(beta) * sample
+  else:  # "sample"
+    pred_x0 = model_output
+    pred_eps = (sample - jnp.sqrt(alpha) * pred_x0) / jnp.sqrt(beta)
+  if schedule.clip_sample:
+    pred_x0 = jnp.clip(pred_x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+  std = _per_sample(ddim_std(schedule, timestep, prev_timestep, eta), ndim)
+  direction = jnp.sqrt(jnp.maximum(1 - alpha_prev - std**2, 0.0)) * pred_eps
+  mean = jnp.sqrt(alpha_prev) * pred_x0 + direction
+  return mean, std
+
+
 def ddim_step(
     schedule: DDIMSchedule,
     model_output: jnp.ndarray,
@@ -169,26 +205,7 @@ def ddim_step(
   """
   ndim = sample.ndim
   sample = sample.astype(jnp.float32)
-  model_output = model_output.astype(jnp.float32)
-  timestep = jnp.asarray(timestep)
-  prev_timestep = jnp.asarray(prev_timestep)
-  alpha = _per_sample(schedule.alphas_cumprod[timestep], ndim)
-  alpha_prev = _per_sample(_alpha_prev(schedule, prev_timestep), ndim)
-  beta = 1 - alpha
-  if schedule.prediction_type == "epsilon":
-    pred_x0 = (sample - jnp.sqrt(beta) * model_output) / jnp.sqrt(alpha)
-    pred_eps = model_output
-  elif schedule.prediction_type == "v_prediction":
-    pred_x0 = jnp.sqrt(alpha) * sample - jnp.sqrt(beta) * model_output
-    pred_eps = jnp.sqrt(alpha) * model_output + jnp.sqrt(beta) * sample
-  else:  # "sample"
-    pred_x0 = model_output
-    pred_eps = (sample - jnp.sqrt(alpha) * pred_x0) / jnp.sqrt(beta)
-  if schedule.clip_sample:
-    pred_x0 = jnp.clip(pred_x0, -schedule.clip_sample_range, schedule.clip_sample_range)
-  std = _per_sample(ddim_std(schedule, timestep, prev_timestep, eta), ndim)
-  direction = jnp.sqrt(jnp.maximum(1 - alpha_prev - std**2, 0.0)) * pred_eps
-  mean = jnp.sqrt(alpha_prev) * pred_x0 + direction
+  mean, std = step_mean(schedule, model_output, timestep, prev_timestep, sample, eta)
   if prev_sample is None:
     if key is None:
       prev_sample = mean
@@ -200,6 +217,22 @@ def ddim_step(
                  0.5 * jnp.log(2 * jnp.pi))
   log_prob = jnp.mean(log_density, axis=tuple(range(1, ndim)))
   return prev_sample, log_prob
+
+
+def step_kl(schedule: DDIMSchedule, model_output: jnp.ndarray, reference_output: jnp.ndarray,
+            timestep: jnp.ndarray, prev_timestep: jnp.ndarray, sample: jnp.ndarray,
+            eta: float | jnp.ndarray) -> jnp.ndarray:
+  """KL(policy step || reference step) at x_t, averaged over the non-batch dimensions, (B,).
+
+  Both steps are Gaussians with the same sigma_t (floored at MIN_LOG_PROB_STD, as the
+  log-probs), so per dimension KL = (mean - mean_ref)^2 / (2 sigma_t^2); the mean over
+  dimensions is in the unit of the per-dimension mean log-probs (module docstring).
+  """
+  mean, std = step_mean(schedule, model_output, timestep, prev_timestep, sample, eta)
+  reference, _ = step_mean(schedule, reference_output, timestep, prev_timestep, sample, eta)
+  std_floor = jnp.maximum(std, MIN_LOG_PROB_STD)
+  kl = (mean - reference) ** 2 / (2 * std_floor ** 2)
+  return jnp.mean(kl, axis=tuple(range(1, sample.ndim)))
 
 
 def add_noise(schedule: DDIMSchedule, clean: jnp.ndarray, noise: jnp.ndarray,

@@ -280,11 +280,44 @@ def rescore_step_with_maps(
   Returns ``(log_prob (B,), maps (B, r, r) float32 or None when capture_side is None)``,
   the maps as ``guided_noise_prediction`` records them while sampling.
   """
+  log_prob, maps, _ = rescore_step_and_kl(unet, params, None, schedule, cond, guidance,
+                                          latents, next_latents, timestep, prev_timestep, eta,
+                                          capture_side)
+  return log_prob, maps
+
+
+def rescore_step_and_kl(
+    unet: nn.Module,
+    params: Params,
+    reference_params: Optional[Params],
+    schedule: ddim.DDIMSchedule,
+    cond: EditConditioning,
+    guidance: Guidance,
+    latents: jnp.ndarray,
+    next_latents: jnp.ndarray,
+    timestep: jnp.ndarray,
+    prev_timestep: jnp.ndarray,
+    eta: float,
+    capture_side: Optional[int],
+) -> Tuple[jnp.ndarray, Optional[jnp.ndarray], Optional[jnp.ndarray]]:
+  """:func:`rescore_step_with_maps` plus the step's KL to a reference policy.
+
+  Returns ``(log_prob (B,), maps (B, r, r) or None, kl (B,) or None)``: ``kl`` is
+  ``ddim.step_kl`` between this step's Gaussian under ``params`` and under
+  ``reference_params`` (the same guidance; no gradient flows into the reference), None
+  when ``reference_params`` is None.
+  """
   eps, maps = guided_noise_prediction(unet, params, latents, timestep, cond, guidance,
                                       capture_side)
   _, log_prob = ddim.ddim_step(schedule, eps, timestep, prev_timestep, latents, eta,
                                prev_sample=next_latents)
-  return log_prob, maps
+  if reference_params is None:
+    return log_prob, maps, None
+  reference_eps, _ = guided_noise_prediction(
+      unet, jax.lax.stop_gradient(reference_params), latents, timestep, cond, guidance, None)
+  kl = ddim.step_kl(schedule, eps, jax.lax.stop_gradient(reference_eps), timestep,
+                    prev_timestep, latents, eta)
+  return log_prob, maps, kl
 
 
 def make_trajectory_sampler(

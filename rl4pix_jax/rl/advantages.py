@@ -140,3 +140,48 @@ class PerPromptStatTracker:
       ring.push(values)
       tracker._buffers[str(key)] = ring  # pylint: disable=protected-access
     return tracker
+
+
+def group_advantages(keys: Sequence[str], rewards: Any, std: str = "group",
+                     skip_zero_spread: bool = False) -> np.ndarray:
+  """GRPO's advantages: each reward against the other samples of its prompt in this batch.
+
+  ``(r - mean_group) / (s + 1e-6)`` with s the group's population std (``std="group"``) or
+  the whole batch's (``"global"``). With ``skip_zero_spread`` a group whose rewards are all
+  equal gets 0 (with "group" std its advantages are already 0; with "global" too, since
+  r = mean_group; the flag also zeroes groups of one sample). Non-finite rewards get NaN
+  and are left out of every statistic, as in ``PerPromptStatTracker.update``.
+
+  Args:
+    keys: N prompt keys; the samples of one key form a group.
+    rewards: (N,) rewards.
+    std: "group" or "global".
+    skip_zero_spread: zero the advantages of groups without reward spread.
+  Returns:
+    (N,) float32 advantages.
+  Raises:
+    ValueError: shapes disagree, or ``std`` is unknown.
+  """
+  if std not in ("group", "global"):
+    raise ValueError(f"std={std!r}: expected 'group' or 'global'.")
+  rewards = np.asarray(rewards, np.float64)
+  keys = [str(k) for k in keys]
+  if rewards.ndim != 1 or rewards.shape[0] != len(keys):
+    raise ValueError(f"rewards of shape {rewards.shape} and {len(keys)} keys: expected one "
+                     "reward per key, as a 1-D array.")
+  finite = np.isfinite(rewards)
+  advantages = np.full(rewards.shape, np.nan, np.float64)
+  if not finite.any():
+    return advantages.astype(np.float32)
+  global_std = rewards[finite].std() + STD_EPSILON
+  key_array = np.asarray(keys, dtype=object)
+  for key in dict.fromkeys(k for k, ok in zip(keys, finite) if ok):
+    rows = np.flatnonzero((key_array == key) & finite)
+    values = rewards[rows]
+    spread = values.max() - values.min()
+    if skip_zero_spread and (len(rows) < 2 or spread == 0):
+      advantages[rows] = 0.0
+      continue
+    scale = values.std() + STD_EPSILON if std == "group" else global_std
+    advantages[rows] = (values - values.mean()) / scale
+  return advantages.astype(np.float32)

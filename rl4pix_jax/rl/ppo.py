@@ -44,6 +44,8 @@ from rl4pix_jax.rl import lora
 
 Params = Any
 TRAINABLE_SETS = ("full", "lora")
+ADVANTAGE_MODES = ("per_prompt", "group")
+ADVANTAGE_STDS = ("group", "global")
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +73,18 @@ class PPOConfig:
     attention_pathwise_weight: weight of the pathwise gradient of the attention-map reward
       (module docstring); 0 turns it off. The trainer passes the cotangents in units of
       the epoch's reward standard deviation, like the advantages.
+    kl_weight: weight of the KL penalty to the starting policy, per visited step
+      (``ddim.step_kl``, closed form between the two Gaussian steps); 0 turns it off. The
+      reference is the frozen LoRA base ("lora") or the initial UNet ("full").
+    train_window_start, train_window_end: the trained steps are drawn from positions
+      [floor(start T), ceil(end T)) of the T steps, noisiest first (0, 0.5: the high-noise
+      half, as MixGRPO / Flow-GRPO-Fast); ``timestep_fraction`` is of that window.
+    advantage_mode: "per_prompt" (DDPO's ring buffers per prompt, ``stat_buffer_size`` /
+      ``stat_min_count``) or "group" (GRPO: the samples of one prompt in this epoch).
+    advantage_std: with "group": divide by the group's std ("group") or the epoch's
+      ("global").
+    skip_zero_spread: with "group": groups whose rewards are all equal get advantage 0
+      (they say nothing about which sample is better).
   """
   trainable: str = "lora"
   lora_rank: int = 4
@@ -89,6 +103,12 @@ class PPOConfig:
   stat_buffer_size: int = 16
   stat_min_count: int = 4
   attention_pathwise_weight: float = 0.0
+  kl_weight: float = 0.0
+  train_window_start: float = 0.0
+  train_window_end: float = 1.0
+  advantage_mode: str = "per_prompt"
+  advantage_std: str = "group"
+  skip_zero_spread: bool = False
 
   @property
   def pathwise(self) -> bool:
@@ -105,9 +125,17 @@ class PPOConfig:
     for name in ("adam_b1", "adam_b2"):
       if not 0 <= getattr(self, name) < 1:
         problems.append(f"{name}={getattr(self, name)!r} (expected in [0, 1))")
-    for name in ("weight_decay", "attention_pathwise_weight"):
+    for name in ("weight_decay", "attention_pathwise_weight", "kl_weight"):
       if not getattr(self, name) >= 0:
         problems.append(f"{name}={getattr(self, name)!r} (expected >= 0)")
+    if not 0 <= self.train_window_start < self.train_window_end <= 1:
+      problems.append(f"train_window_start={self.train_window_start!r}, train_window_end="
+                      f"{self.train_window_end!r} (expected 0 <= start < end <= 1)")
+    if self.advantage_mode not in ADVANTAGE_MODES:
+      problems.append(f"advantage_mode={self.advantage_mode!r} (expected one of "
+                      f"{ADVANTAGE_MODES})")
+    if self.advantage_std not in ADVANTAGE_STDS:
+      problems.append(f"advantage_std={self.advantage_std!r} (expected one of {ADVANTAGE_STDS})")
     if not 0 < self.timestep_fraction <= 1:
       problems.append(f"timestep_fraction={self.timestep_fraction!r} (expected in (0, 1])")
     for name in ("lora_rank", "num_inner_epochs", "stat_buffer_size", "stat_min_count"):
@@ -140,6 +168,14 @@ class PPOConfig:
 def num_trained_timesteps(num_steps: int, timestep_fraction: float) -> int:
   """ceil(T * fraction) timesteps trained per sample (robust to float error), >= 1."""
   return max(1, math.ceil(round(num_steps * timestep_fraction, 6)))
+
+
+def train_window(num_steps: int, start: float, end: float) -> Tuple[int, int]:
+  """(first, stop) positions of the trained window of T steps: [floor(start T),
+  ceil(end T)), at least one step (robust to float error)."""
+  first = min(num_steps - 1, math.floor(round(num_steps * start, 6)))
+  stop = max(first + 1, min(num_steps, math.ceil(round(num_steps * end, 6))))
+  return first, stop
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,12 +365,12 @@ def _per_sample_index(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
 
 
 def shuffled_timestep_indices(key: jax.Array, batch_size: int, num_steps: int,
-                              num_trained: int) -> jnp.ndarray:
+                              num_trained: int, first: int = 0) -> jnp.ndarray:
   """(B, num_trained) int32: the first positions of an independent permutation of
-  range(num_steps) per sample."""
+  range(first, first + num_steps) per sample."""
   keys = jax.random.split(key, batch_size)
   perms = jax.vmap(lambda k: jax.random.permutation(k, num_steps))(keys)
-  return perms[:, :num_trained].astype(jnp.int32)
+  return (perms[:, :num_trained] + first).astype(jnp.int32)
 
 
 def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampling.SamplerConfig,
@@ -354,15 +390,23 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
 
   Returns:
     ``(grads, metrics)``: grads (float32, structure of ``trainable_params``) of the loss
-    averaged over the K = ceil(T * timestep_fraction) visited positions (each a mean over
-    the B samples); metrics ``loss``, ``approx_kl``, ``clipfrac`` averaged the same way.
+    averaged over the K = ceil(W * timestep_fraction) visited positions of the W-step
+    window (each a mean over the B samples); metrics ``loss``, ``approx_kl``, ``clipfrac``
+    and ``kl`` (mean KL to the reference policy; 0 when kl_weight is 0) averaged the same
+    way. With kl_weight > 0 the loss adds ``kl_weight * kl`` and ``frozen_params`` is the
+    reference policy's UNet (the LoRA base; the initial UNet for "full").
   """
   c = PPOConfig.from_config(ppo_config)
   _check_batch(batch, sampler_config, c.pathwise)
   batch_size, num_steps = batch.log_probs.shape
-  num_trained = num_trained_timesteps(num_steps, c.timestep_fraction)
+  first, stop = train_window(num_steps, c.train_window_start, c.train_window_end)
+  num_trained = num_trained_timesteps(stop - first, c.timestep_fraction)
   step_ratio = schedule.step_ratio(num_steps)
-  order = shuffled_timestep_indices(key, batch_size, num_steps, num_trained)  # (B, K)
+  order = shuffled_timestep_indices(key, batch_size, stop - first, num_trained,
+                                    first)  # (B, K)
+  reference_params = frozen_params if c.kl_weight > 0 else None
+  if c.kl_weight > 0 and frozen_params is None:
+    raise ValueError("ppo.kl_weight > 0 needs the reference UNet params as frozen_params.")
   capture_side = (sampler_config.attention_side(batch.latents.shape[2]) if c.pathwise
                   else None)
 
@@ -372,10 +416,16 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
     old = _per_sample_index(batch.log_probs, index)
     timestep = batch.timesteps[index]
     unet_params = policy_params(params, frozen_params, c)
-    new, maps = sampling.rescore_step_with_maps(
-        unet, unet_params, schedule, batch.cond, batch.guidance, latents, next_latents,
-        timestep, timestep - step_ratio, sampler_config.eta, capture_side)
+    new, maps, kl = sampling.rescore_step_and_kl(
+        unet, unet_params, reference_params, schedule, batch.cond, batch.guidance, latents,
+        next_latents, timestep, timestep - step_ratio, sampler_config.eta, capture_side)
     loss, metrics = ppo_loss(new, old, batch.advantages, c.clip_range, c.adv_clip_max)
+    if kl is None:
+      metrics["kl"] = jnp.zeros((), jnp.float32)
+    else:
+      metrics["kl"] = jax.lax.stop_gradient(jnp.mean(kl))
+      loss = loss + c.kl_weight * jnp.mean(kl)
+      metrics["loss"] = jax.lax.stop_gradient(loss)
     if not c.pathwise:
       return loss, metrics
     cotangent = _per_sample_index(batch.map_cotangents, index)  # (B, r, r)
@@ -392,7 +442,8 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
     return (grad_sum, metric_sum), None
 
   zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), trainable_params)
-  metric_zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "approx_kl", "clipfrac")}
+  metric_zeros = {k: jnp.zeros((), jnp.float32)
+                  for k in ("loss", "approx_kl", "clipfrac", "kl")}
   (grad_sum, metric_sum), _ = jax.lax.scan(body, (zeros, metric_zeros), order.T)
   scale = 1.0 / num_trained
   return (jax.tree.map(lambda g: g * scale, grad_sum),
@@ -457,7 +508,7 @@ def make_train_step(
 
   One call = one PPO minibatch update (see the module docstring). The state is donated:
   do not use the passed ``state`` afterwards. Metrics (float32 scalars): ``loss``,
-  ``approx_kl``, ``clipfrac``, ``grad_norm``, ``nonfinite``, ``nonfinite_count``.
+  ``approx_kl``, ``clipfrac``, ``kl``, ``grad_norm``, ``nonfinite``, ``nonfinite_count``.
 
   Args:
     unet: the UNet module.
@@ -478,8 +529,9 @@ def make_train_step(
   tx = make_optimizer(c) if optimizer is None else optimizer
 
   def train_step(state, frozen_unet_params, batch, key):
-    if c.trainable == "lora" and frozen_unet_params is None:
-      raise ValueError("trainable='lora': pass the frozen UNet params as the second argument.")
+    if (c.trainable == "lora" or c.kl_weight > 0) and frozen_unet_params is None:
+      raise ValueError("trainable='lora' or kl_weight > 0: pass the frozen UNet params "
+                       "(the LoRA base / KL reference) as the second argument.")
     grads, metrics = ppo_gradients(unet, schedule, sampler_config, c, state.params,
                                    frozen_unet_params, batch, key)
     inputs_finite = jnp.all(jnp.isfinite(batch.advantages))

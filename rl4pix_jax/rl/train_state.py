@@ -31,7 +31,8 @@ class PlacedPolicy:
     state_shardings: its shardings.
     unet_params, unet_shardings: the initial UNet, placed (the LoRA base, and the reference
       policy of the "reference" attention region).
-    frozen, frozen_shardings: the frozen LoRA base ("lora"), or None ("full").
+    frozen, frozen_shardings: the frozen LoRA base ("lora"; also the KL reference), the
+      initial UNet ("full" with ppo.kl_weight > 0: the KL reference), or None.
   """
   state: Any
   state_shardings: Any
@@ -57,8 +58,11 @@ def place_policy(config: ml_collections.ConfigDict, initial_unet: Any, mesh: jax
   state_shardings = ppo.train_state_shardings(
       jax.eval_shape(init_state, init_key, unet_params), mesh, rules)
   state = jax.jit(init_state, out_shardings=state_shardings)(init_key, unet_params)
-  # "lora": the frozen base is the sharded UNet; "full": no frozen params.
-  frozen = unet_params if ppo.PPOConfig.from_config(config.ppo).trainable == "lora" else None
+  # "lora": the frozen base is the sharded UNet; "full": none, unless the KL penalty needs the
+  # starting UNet as its reference policy.
+  step_config = ppo.PPOConfig.from_config(config.ppo)
+  frozen = (unet_params if step_config.trainable == "lora" or step_config.kl_weight > 0
+            else None)
   frozen_shardings = unet_shardings if frozen is not None else None
   return PlacedPolicy(state, state_shardings, unet_params, unet_shardings, frozen,
                       frozen_shardings)

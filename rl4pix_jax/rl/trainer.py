@@ -234,7 +234,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
             grid = visualize.sample_grid(*pictures, texts_0, epoch, limit=min(8, len(texts_0)))
       all_rewards = np.concatenate(rewards)
       keys = [str(int(j)) for j in np.concatenate(example_ids)]
-      advantages = tracker.update(keys, all_rewards)
+      if step_config.advantage_mode == "group":
+        advantages = advantages_lib.group_advantages(keys, all_rewards,
+                                                     step_config.advantage_std,
+                                                     step_config.skip_zero_spread)
+      else:
+        advantages = tracker.update(keys, all_rewards)
 
       # Stored trajectories of the epoch, in sampling order, as one global batch.
       cond_all = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs),
@@ -278,7 +283,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
           "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
           **{f"reward_{k}": float(np.concatenate(v).mean()) for k, v in components.items()},
           **{k: float(np.mean([s[k] for s in step_metrics])) for k in
-             ("loss", "approx_kl", "clipfrac", "grad_norm")},
+             ("loss", "approx_kl", "clipfrac", "kl", "grad_norm")},
+          "zero_advantage_fraction": float(np.mean(advantages == 0)),
           "nonfinite_updates": float(sum(s["nonfinite"] for s in step_metrics)),
           "samples_per_s": sizes.samples_per_epoch / elapsed, "epoch_time_s": elapsed,
           "optimizer_steps": float(int(state.step)),

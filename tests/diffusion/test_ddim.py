@@ -135,3 +135,34 @@ def test_bad_step_count():
   schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())
   with pytest.raises(ValueError, match="num_inference_steps"):
     schedule.timesteps(0)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_step_kl_matches_gaussians_from_diffusers(config):
+  """KL of two DDIM steps at one x_t: the means from diffusers' step (zero noise) for the two
+  model outputs, sigma in float64; KL(N(m1, s^2) || N(m2, s^2)) = (m1 - m2)^2 / (2 s^2),
+  averaged over dimensions. Zero for equal outputs."""
+  ours = ddim.DDIMSchedule.from_config(config)
+  ref = _reference(config)
+  steps, eta = 10, 1.0
+  ref.set_timesteps(steps)
+  rng = np.random.default_rng(1)
+  shape = (2, 4, 4, 3)
+  to_torch = lambda x: torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+  for t in ref.timesteps.numpy()[[0, 4]]:
+    sample, out_1, out_2 = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    mean = lambda out: ref.step(to_torch(out), int(t), to_torch(sample), eta=eta,
+                                variance_noise=torch.zeros(to_torch(sample).shape)
+                                ).prev_sample.numpy().transpose(0, 2, 3, 1).astype(np.float64)
+    prev_t = int(t) - ours.step_ratio(steps)
+    a = np.float64(ref.alphas_cumprod[int(t)])
+    a_prev = np.float64(ref.alphas_cumprod[prev_t])
+    sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    want = np.mean((mean(out_1) - mean(out_2)) ** 2 / (2 * sigma ** 2), axis=(1, 2, 3))
+    got = ddim.step_kl(ours, jnp.asarray(out_1), jnp.asarray(out_2), t, prev_t,
+                       jnp.asarray(sample), eta)
+    # float32 means of O(1) differ by O(1): a relative 1e-4 leaves ~100x float32 rounding
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    same = ddim.step_kl(ours, jnp.asarray(out_1), jnp.asarray(out_1), t, prev_t,
+                        jnp.asarray(sample), eta)
+    np.testing.assert_array_equal(same, 0.0)

@@ -75,3 +75,30 @@ def test_bad_input_is_named():
     tracker.update(["a", "b"], [1.0])
   with pytest.raises(ValueError, match="lacks"):
     advantages.PerPromptStatTracker.from_state_dict({"buffer_size": 2})
+
+
+def test_group_advantages_by_hand():
+  """Group a: rewards 1, 3 (mean 2, std 1) -> -1, +1; group b: 5, 5 (no spread) -> 0;
+  "global" divides by the std of all four rewards (sqrt(2.75))."""
+  keys = ["a", "b", "a", "b"]
+  rewards = [1.0, 5.0, 3.0, 5.0]
+  got = advantages.group_advantages(keys, rewards, "group")
+  np.testing.assert_allclose(got, [-1.0, 0.0, 1.0, 0.0], rtol=1e-5)
+  got = advantages.group_advantages(keys, rewards, "global")
+  np.testing.assert_allclose(got, np.asarray([-1.0, 0.0, 1.0, 0.0]) / np.sqrt(2.75),
+                             rtol=1e-5)
+
+
+def test_group_advantages_skip_zero_spread_and_nonfinite():
+  """A group of one is zeroed with skip_zero_spread (and normalised to 0 without it); a
+  NaN reward gets NaN and stays out of its group's statistics."""
+  keys = ["a", "a", "a", "c"]
+  rewards = [1.0, 3.0, np.nan, 7.0]
+  got = advantages.group_advantages(keys, rewards, "global", skip_zero_spread=True)
+  finite_std = np.std([1.0, 3.0, 7.0])
+  np.testing.assert_allclose(got[:2], np.asarray([-1.0, 1.0]) / finite_std, rtol=1e-5)
+  assert np.isnan(got[2]) and got[3] == 0.0
+  with pytest.raises(ValueError, match="std="):
+    advantages.group_advantages(keys, rewards, "batch")
+  with pytest.raises(ValueError, match="one reward per key"):
+    advantages.group_advantages(keys, rewards[:3])
