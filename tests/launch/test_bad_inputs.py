@@ -157,19 +157,21 @@ def test_unreadable_newest_checkpoint_falls_back_in_edit_and_train(tiny_run, ima
     assert [json.loads(line)["epoch"] for line in f] == [0, 1]
 
 
-def test_max_side_size_keeps_the_aspect_and_leaves_small_images_alone(tmp_path):
-  # In a subprocess: launch.edit's absl flags would clash with launch.prepare_data's
-  # (imported by other tests) in this process.
-  code = ("from launch.edit import max_side_size as f; "
-          "assert f(3000, 4000, 512) == (384, 512); assert f(300, 200, 512) is None; "
-          "assert f(40, 36, 32) == (32, 29); assert f(5000, 10, 512) == (512, 1); "
-          "assert f(4000, 3000, 0) is None; print('ok')")
-  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
-  from tests.helpers.cli import cli_env  # pylint: disable=import-outside-toplevel
-  from tests.helpers.paths import REPO_ROOT  # pylint: disable=import-outside-toplevel
-  done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=cli_env(tmp_path),
-                        capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+def test_max_side_is_part_of_the_one_size_rule():
+  from rl4pix_jax import editing  # pylint: disable=import-outside-toplevel
+  f = editing.max_side_size
+  assert f(3000, 4000, 512) == (384, 512) and f(300, 200, 512) == (300, 200)
+  assert f(40, 36, 32) == (32, 29) and f(5000, 10, 512) == (512, 1) and f(4000, 3000, 0) == (
+      4000, 3000)
+  size = editing.editing_size
+  # Stable Diffusion (multiple 64): a 4000x3000 photo is edited at 512x384, one resize.
+  assert size(3000, 4000, 64, max_side=512) == (384, 512)
+  assert size(200, 300, 64, max_side=512) == (192, 256)  # fits: only rounded down
+  assert size(120, 200, 4, max_side=32) == (16, 32)  # scaled to 19x32, then multiples of 4
+  # An editor trained at one resolution, or an explicit size, is not scaled first.
+  assert size(3000, 4000, 4, resolution=32, max_side=16) == (32, 32)
+  assert size(3000, 4000, 64, size=(256, 320), max_side=512) == (256, 320)
+  assert "max_side=32" in editing.size_reason(120, 200, 4, max_side=32)
 
 
 def test_large_image_is_edited_downscaled_and_returned_at_its_size(tiny_run, tmp_path):
@@ -178,8 +180,9 @@ def test_large_image_is_edited_downscaled_and_returned_at_its_size(tiny_run, tmp
   Image.fromarray(np.random.default_rng(1).integers(0, 256, (120, 200, 3), np.uint8)).save(big)
   done = run_cli("launch.edit", *_edit_flags(workdir, big, tmp_path / "o.png"), tmp=tmp_path)
   assert done.returncode == 0, done.stderr[-2000:]
-  notes = [line for line in done.stderr.splitlines() if "--max_side=32" in line]
-  assert len(notes) == 1 and "200x120" in notes[0] and "edited at 32x19" in notes[0]
+  notes = [line for line in done.stderr.splitlines() if "200x120" in line]
+  assert len(notes) == 1, done.stderr[-2000:]  # one line, one resize (not max_side, then 4s)
+  assert "at 32x16" in notes[0] and "max_side=32" in notes[0] and "back to 200x120" in notes[0]
   assert np.asarray(Image.open(tmp_path / "o.png")).shape == (120, 200, 3)
 
 
