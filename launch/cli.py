@@ -6,8 +6,8 @@ Each command ends with ``cli.run(main)`` instead of ``absl.app.run(main)``. Then
     and the project's own usage errors (config validation, a bad run folder, ...) print one
     line, ``error: <flag or file>=<value>: <what is wrong>; <fix>``, and exit 2;
   - the project's failures (an unreadable checkpoint, a training error, a bad record, a
-    missing file) print one line and exit 1; any other exception is a bug and keeps its
-    traceback;
+    missing or unreadable data file) print one line and exit 1; any other exception is a bug
+    and keeps its traceback;
   - the traceback of a one-line error is printed too with ``--verbosity=1`` or the
     environment variable ``RL4PIX_TRACEBACK=1``;
   - library INFO logs (Orbax, absl, JAX's backend probes such as "Unable to initialize
@@ -136,7 +136,7 @@ def error_exit_code(error: BaseException) -> Optional[int]:
   """2 for usage errors, 1 for the project's failures, None for anything else (a bug)."""
   # pylint: disable=import-outside-toplevel
   from rl4pix_jax import config_validation
-  from rl4pix_jax.data.records import RecordError
+  from rl4pix_jax.data.records import DataFileError, RecordError
   from rl4pix_jax.evaluation.request import EvaluationError
   from rl4pix_jax.models.clip import CLIPConfigError
   from rl4pix_jax.parallel import ParallelError
@@ -146,7 +146,7 @@ def error_exit_code(error: BaseException) -> Optional[int]:
   from rl4pix_jax.workdir.checkpointer import CheckpointError
   usage = (app.UsageError, flags.Error, config_validation.ConfigError, RunLoadingError,
            EvaluationError, WeightsError, CLIPConfigError, ParallelError)
-  failures = (CheckpointError, TrainingError, RecordError, OSError)
+  failures = (CheckpointError, TrainingError, RecordError, DataFileError, OSError)
   if isinstance(error, usage):
     return USAGE_ERROR
   if isinstance(error, failures):

@@ -10,17 +10,20 @@ r"""Edits images with a trained run (Orbax checkpoint) or a diffusers InstructPi
 
 Writes ``<output>/<name>.png`` per image (or the ``--output`` file for one image) and, with
 ``--attention``, ``<name>_attention.png``: the ``--object`` words' cross-attention averaged
-over the sampling steps, over the edited image. An image whose longer side exceeds
-``--max_side`` is edited downscaled (one line says so) and returned at its own size. An
-empty instruction is an error; one longer than the text encoder's 77 tokens is cut, with a
-warning naming where. Sampler defaults: the run's config (``--workdir``) or the exported
-``rl4pix_sampler.json`` (``--pretrained``), else 20 steps, guidance 7.5 / 1.5. Exits 1 after editing the readable images
-when some could not be read (each is named), 2 on a bad flag or run folder.
+over the sampling steps, over the edited image. Sizes follow one rule
+(``rl4pix_jax.editing``): ``--size``, else the editor's training resolution, else the image
+scaled down to ``--max_side`` and rounded to the editor's multiple; every result is returned
+at its input's size, and one warning line names any change. An empty instruction is an
+error; one longer than the text encoder's 77 tokens is cut, with a warning naming where.
+Sampler defaults: the run's config (``--workdir``) or the exported ``rl4pix_sampler.json``
+(``--pretrained``), else 20 steps, guidance 7.5 / 1.5; explicit flags win. Exits 1 after
+editing the readable images when some could not be read (each is named), 2 on a bad flag or
+run folder.
 """
 
 import os
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from absl import app, flags
 
@@ -40,15 +43,16 @@ flags.DEFINE_string("output", None, "Output PNG (one input image) or folder.", r
 flags.DEFINE_bool("attention", False, "Also write the --object attention overlay PNG.")
 flags.DEFINE_string("object", None, "Words of the instruction whose attention to show.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same result).")
-flags.DEFINE_integer("steps", None, "DDIM steps (default: the run's sampler.num_steps, or 20).")
+flags.DEFINE_integer("steps", None, "DDIM steps (default: the run's sampler.num_steps, an "
+                     "exported folder's rl4pix_sampler.json, or 20).")
 flags.DEFINE_float("guidance_scale", None, "Text guidance (default: the run's, or 7.5).")
 flags.DEFINE_float("image_guidance_scale", None, "Image guidance (default: run's, or 1.5).")
 flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic sampler, for --workdir and "
                    "--pretrained alike).")
 flags.DEFINE_integer("max_side", None, "Images whose longer side exceeds this are edited "
-                     "downscaled and returned at their own size (default: the run's "
+                     "scaled down to it and returned at their own size (default: the run's "
                      "resolution; for --pretrained the UNet's, 512 for Stable Diffusion; "
-                     "0: never).")
+                     "0: never). An editor trained at one resolution edits at that size.")
 flags.DEFINE_integer("batch_size", 8, "Images per compiled call.")
 flags.DEFINE_string("size", None, "Working size HxW (e.g. 64x64) to edit at instead of the "
                     "editor's: its training resolution for a run of the shapes default, each "
@@ -76,25 +80,6 @@ def output_paths(inputs: List[str], output: str, single_file: bool) -> List[Tupl
 
 def _fail(message: str) -> int:
   return cli.fail(message)
-
-
-def max_side_size(height: int, width: int, max_side: Optional[int]) -> Optional[Tuple[int, int]]:
-  """(H, W) scaled so the longer side is ``max_side`` (aspect kept, each side >= 1), or None
-  when the image already fits (or ``max_side`` is None/0). The editor then works on that
-  size (its own size rule applies on top) and the result is resized back to H x W."""
-  if not max_side or max(height, width) <= max_side:
-    return None
-  scale = max_side / max(height, width)
-  return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def default_max_side(editor, config) -> int:
-  """The run's training resolution (tiny editors), else the UNet's sample size in pixels (512
-  for Stable Diffusion)."""
-  if config is not None:
-    return int(config.resolution)
-  sample = getattr(editor.models.unet.config, "sample_size", None) or 64
-  return int(sample) * editor.models.vae_downscale
 
 
 def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
@@ -128,46 +113,34 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
   except ValueError as e:
     return _fail(str(e))
   single_file = not os.path.isdir(FLAGS.image) and FLAGS.output.lower().endswith(".png")
-  sampler = {"num_steps": 20, "guidance_scale": 7.5, "image_guidance_scale": 1.5}
   config = None
   try:
     if FLAGS.workdir:
       config = run_loading.read_run_config(FLAGS.workdir)
       editor = run_loading.load_run_editor(FLAGS.workdir, FLAGS.step,
                                            use_rl=False if FLAGS.no_rl else None)
-      sampler = {k: config.sampler.get(k, v) for k, v in sampler.items()}
     else:
       editor = run_loading.load_pretrained_editor(FLAGS.pretrained)
-      # An exported run's sampler (rl4pix_sampler.json), as --workdir would use.
-      sampler = {k: editor.sampler_defaults.get(k, v) for k, v in sampler.items()}
   except (run_loading.RunLoadingError, ValueError) as e:
     return _fail(str(e))
   cut = truncation(editor.tokenizer, FLAGS.instruction)
   if cut is not None:
     print(f"warning: --instruction has {cut[0]} tokens but the text encoder reads 77: it is "
           f"cut after {quote(cut[1])}.", file=sys.stderr)
-  # --size names the working size itself: then no --max_side downscale first.
-  max_side = (0 if size else default_max_side(editor, config)) if FLAGS.max_side is None \
-      else FLAGS.max_side
-  for name, flag in (("num_steps", FLAGS.steps), ("guidance_scale", FLAGS.guidance_scale),
-                     ("image_guidance_scale", FLAGS.image_guidance_scale)):
-    if flag is not None:
-      sampler[name] = flag
+  # One size rule (editing.editing_size): --size, else the editor's training resolution, else
+  # the image's size scaled down to --max_side and rounded to the editor's multiple.
+  max_side = (editing.default_max_side(editor, config.resolution if config else None)
+              if FLAGS.max_side is None else FLAGS.max_side)
+  # The run's config.sampler or an exported rl4pix_sampler.json; explicit flags win.
+  sampler = editing.resolve_sampler(editor.sampler_defaults, num_steps=FLAGS.steps,
+                                    guidance_scale=FLAGS.guidance_scale,
+                                    image_guidance_scale=FLAGS.image_guidance_scale)
 
-  images, readable, failures, input_sizes = [], [], [], []
+  images, readable, failures = [], [], []
   for path in inputs:
     try:
       with Image.open(path) as im:
-        pixels = editing.to_uint8_rgb(im)  # 16-bit scaled, alpha over white
-      smaller = max_side_size(pixels.shape[0], pixels.shape[1], max_side)
-      original = pixels.shape[:2]
-      if smaller is not None:
-        print(f"{path}: {pixels.shape[1]}x{pixels.shape[0]} is larger than --max_side="
-              f"{max_side}: edited at {smaller[1]}x{smaller[0]} and returned at "
-              f"{pixels.shape[1]}x{pixels.shape[0]}.", file=sys.stderr)
-        pixels = editing.resize_uint8(pixels, smaller)
-      input_sizes.append(None if smaller is None else original)
-      images.append(pixels)
+        images.append(editing.to_uint8_rgb(im))  # 16-bit scaled, alpha over white
       readable.append(path)
     except (OSError, ValueError) as e:
       failures.append(f"{path}: cannot read the image ({e})")
@@ -190,7 +163,7 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
             guidance_scale=sampler["guidance_scale"],
             image_guidance_scale=sampler["image_guidance_scale"], eta=FLAGS.eta,
             object_phrases=[FLAGS.object] * len(chunk) if FLAGS.attention else None,
-            size=size, batch_size=batch)
+            size=size, max_side=max_side, batch_size=batch)
       except ValueError as e:
         for i in chunk:
           failures.append(f"{readable[i]}: {e}")
@@ -198,8 +171,6 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
         continue
       for j, i in enumerate(chunk):
         edit_path, attention_path = paths[i]
-        if input_sizes[i] is not None:  # downscaled for --max_side: back at the input's size
-          result.images[j] = editing.resize_uint8(result.images[j], input_sizes[i])
         Image.fromarray(result.images[j]).save(edit_path)
         if FLAGS.attention:
           overlay = visualize.attention_overlay(result.images[j], result.attention_maps[j])

@@ -13,7 +13,9 @@ attention | target of the first examples, one figure per evaluated model); with
 ``--output`` defaults to ``<workdir>/eval/<dataset>_<split>_<setting>`` (``./eval/...`` with
 ``--pretrained``). Every model is edited with the same examples and seeds. Without an RL
 checkpoint (or with ``--no_rl``) the run's starting (supervised or pretrained) editor is
-evaluated, and the log says so.
+evaluated, and the log says so. Sampler defaults: the run's config (``--workdir``) or an
+exported folder's ``rl4pix_sampler.json`` (``--pretrained``, as ``launch.edit``), else 20
+steps, guidance 7.5 / 1.5; explicit flags win.
 
 MagicBrush settings (``rl4pix_jax.evaluation``): ``single_turn`` edits every turn from its
 ground-truth input and scores every turn; ``multi_turn`` edits each session turn by turn, each
@@ -52,9 +54,12 @@ flags.DEFINE_string("clip_model", None, "CLIPModel folder/hub id (MagicBrush: "
 flags.DEFINE_string("dino_model", None, "DINO ViT folder/hub id (facebook/dino-vits16).")
 flags.DEFINE_string("output", None, "Output path prefix (no extension).")
 flags.DEFINE_integer("seed", 0, "Sampling seed, shared by every evaluated model.")
-flags.DEFINE_integer("steps", None, "DDIM steps (default: the run's sampler.num_steps).")
-flags.DEFINE_float("guidance_scale", None, "Text guidance (default: the run's, or 7.5).")
-flags.DEFINE_float("image_guidance_scale", None, "Image guidance (default: run's, or 1.5).")
+flags.DEFINE_integer("steps", None, "DDIM steps (default: the run's sampler.num_steps, an "
+                     "exported folder's rl4pix_sampler.json, or 20).")
+flags.DEFINE_float("guidance_scale", None, "Text guidance (default: the run's or the exported "
+                   "folder's, or 7.5).")
+flags.DEFINE_float("image_guidance_scale", None, "Image guidance (default: the run's or the "
+                   "exported folder's, or 1.5).")
 flags.DEFINE_float("eta", 0.0, "DDIM eta of the evaluation sampler.")
 flags.DEFINE_integer("batch_size", 8, "Images per compiled call.")
 flags.DEFINE_integer("figure_examples", None, "Examples (rows) in the example and "

@@ -120,8 +120,9 @@ def evaluate_both(python: str, workdir: str, rl_dir: str) -> dict:
       [python, "-m", "launch.evaluate", f"--workdir={rl_dir}", "--dataset=shapes_edit",
        "--split=test", f"--max_examples={FLAGS.max_eval_examples}", "--compare_no_rl",
        f"--output={os.path.join(workdir, 'results')}"])
-  with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
-    print("\n" + f.read(), flush=True)
+  # launch.evaluate has printed the table: name the files rather than print it twice.
+  print(f"[run_default] results: {os.path.join(workdir, 'results.md')} (and results.json)",
+        flush=True)
   return {"evaluation": seconds}
 
 

@@ -1,23 +1,27 @@
 """User-level editing: images + instructions -> edited images (and target-token attention).
 
-Image size rule (one rule, here): each image is edited at a *working size* and the result is
-resized back (Lanczos) to the image's own size, so an edit never crops. The working size is
+Image size rule (one rule, here: ``editing_size``): each image is edited at a *working size*
+and the result is resized back (Lanczos) to the image's own size, so an edit never crops. The
+working size is
 
 * ``size=(H, W)`` when given (each side a multiple of ``size_multiple``), else
 * the editor's training resolution R x R when it has one (``Editor(resolution=R)``: the tiny
   shapes editors only know the size they were trained at; a run's ``config.resolution``), else
-* the image's size with each side rounded *down* to a multiple of ``size_multiple`` (64 for
-  Stable Diffusion: 8 pixels per latent cell, and the UNet halves the latent grid 3 times).
+* the image's size, first scaled down (aspect kept) so its longer side is at most ``max_side``
+  when one is given (``launch.edit --max_side``, default ``default_max_side``: a large photo
+  would not fit in memory at its own size), then each side rounded *down* to a multiple of
+  ``size_multiple`` (64 for Stable Diffusion: 8 pixels per latent cell, and the UNet halves
+  the latent grid 3 times).
 
-Whenever the working size differs from an image's size, one warning line says so. Images of
-equal working size are edited as one batch.
+Whenever the working size differs from an image's size, one warning line says so and why.
+Images of equal working size are edited as one batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -122,9 +126,19 @@ def parse_size(text: str, name: str = "size") -> Tuple[int, int]:
   return size
 
 
+def max_side_size(height: int, width: int, max_side: Optional[int]) -> Tuple[int, int]:
+  """(H, W) scaled so the longer side is at most ``max_side`` (aspect kept, each side >= 1);
+  as is when it already fits or ``max_side`` is None/0."""
+  if not max_side or max(height, width) <= max_side:
+    return height, width
+  scale = max_side / max(height, width)
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def editing_size(height: int, width: int, multiple: int,
                  size: Optional[Tuple[int, int]] = None,
-                 resolution: Optional[int] = None) -> Tuple[int, int]:
+                 resolution: Optional[int] = None,
+                 max_side: Optional[int] = None) -> Tuple[int, int]:
   """The working size of an H x W image (the module's rule).
 
   Raises:
@@ -137,7 +151,55 @@ def editing_size(height: int, width: int, multiple: int,
     return size
   if resolution:
     return (int(resolution), int(resolution))
-  return working_size(height, width, multiple)
+  return working_size(*max_side_size(height, width, max_side), multiple)
+
+
+def size_reason(height: int, width: int, multiple: int, size=None, resolution=None,
+                max_side=None) -> str:
+  """Why ``editing_size`` (same arguments) changed an image's size, for the warning line."""
+  if size is not None:
+    return "as asked (size=)"
+  if resolution:
+    return "the editor's training resolution"
+  rounded = f"sides rounded down to a multiple of {multiple}"
+  if max_side and max(height, width) > max_side:
+    return f"longer side scaled down to max_side={max_side}, {rounded}"
+  return rounded
+
+
+def default_max_side(editor: "Editor", resolution: Optional[int] = None) -> int:
+  """``launch.edit``'s default ``max_side``: ``resolution`` (a run's training resolution) or
+  the editor's, else the UNet's sample size in pixels (512 for Stable Diffusion)."""
+  if resolution or editor.resolution:
+    return int(resolution or editor.resolution)
+  sample = getattr(editor.models.unet.config, "sample_size", None) or 64
+  return int(sample) * editor.models.vae_downscale
+
+
+# The sampler of an editor that recorded none (Stable Diffusion's usual InstructPix2Pix values).
+DEFAULT_SAMPLER = {"num_steps": 20, "guidance_scale": 7.5, "image_guidance_scale": 1.5}
+
+
+def resolve_sampler(recorded: Optional[Mapping[str, Any]] = None,
+                    **explicit: Optional[float]) -> dict:
+  """The ``num_steps``, ``guidance_scale`` and ``image_guidance_scale`` of an edit.
+
+  Each is the ``explicit`` value (a flag) when not None, else the ``recorded`` one (an editor's
+  ``sampler_defaults``: a run's ``config.sampler`` or an exported folder's
+  ``rl4pix_sampler.json``), else ``DEFAULT_SAMPLER``'s. ``launch.edit`` and
+  ``launch.evaluate`` both use this.
+  """
+  unknown = set(explicit) - set(DEFAULT_SAMPLER)
+  if unknown:
+    raise TypeError(f"resolve_sampler: unknown sampler fields {sorted(unknown)}.")
+  recorded = recorded or {}
+  out = {}
+  for name, default in DEFAULT_SAMPLER.items():
+    value = explicit.get(name)
+    if value is None:
+      value = recorded.get(name)
+    out[name] = type(default)(default if value is None else value)
+  return out
 
 
 @dataclasses.dataclass
@@ -175,9 +237,13 @@ class Editor:
 
   def __init__(self, models: pipeline.EditorModels, params: pipeline.EditorParams,
                tokenizer: Any, max_object_tokens: int = 8,
-               capture_size: Optional[int] = None, resolution: Optional[int] = None):
+               capture_size: Optional[int] = None, resolution: Optional[int] = None,
+               sampler_defaults: Optional[Mapping[str, Any]] = None):
     """``resolution``: the side (pixels) the editor was trained at, when it only knows that
-    size (the shapes editors); None edits at each image's rounded size (see the module)."""
+    size (the shapes editors); None edits at each image's rounded size (see the module).
+    ``sampler_defaults``: the sampler the editor was trained or exported with (num_steps,
+    guidance_scale, image_guidance_scale, eta), the defaults of ``resolve_sampler``."""
+    self.sampler_defaults = dict(sampler_defaults or {})
     self.models = models
     self.params = params
     self.tokenizer = tokenizer
@@ -189,7 +255,8 @@ class Editor:
            num_steps: int = 20, guidance_scale: float = 7.5,
            image_guidance_scale: float = 1.5, eta: float = 0.0,
            object_phrases: Optional[Sequence[str]] = None,
-           size: Optional[Tuple[int, int]] = None, batch_size: int = 8) -> EditResult:
+           size: Optional[Tuple[int, int]] = None, max_side: Optional[int] = None,
+           batch_size: int = 8) -> EditResult:
     """Edits each image by its instruction.
 
     Args:
@@ -201,6 +268,7 @@ class Editor:
       object_phrases: per image, the words of its instruction whose cross-attention map to
         return (e.g. "red circle"); None returns no maps.
       size: (H, W) working size for every image; default: the module's rule.
+      max_side: the rule's limit on the longer side (None/0: none; see ``default_max_side``).
       batch_size: images per compiled call.
     Returns:
       ``EditResult`` in input order.
@@ -211,12 +279,11 @@ class Editor:
       raise ValueError(f"Got {len(object_phrases)} object phrases for {len(images)} images.")
     multiple = size_multiple(self.models)
     input_sizes = [to_uint8_rgb(image).shape[:2] for image in images]
-    sizes = [editing_size(h, w, multiple, size, self.resolution) for h, w in input_sizes]
+    rule = dict(multiple=multiple, size=size, resolution=self.resolution, max_side=max_side)
+    sizes = [editing_size(h, w, **rule) for h, w in input_sizes]
     for (height, width), working in sorted(set(zip(input_sizes, sizes))):
       if (height, width) != working:
-        reason = ("as asked (size=)" if size is not None else
-                  "the editor's training resolution" if self.resolution else
-                  f"sides rounded down to a multiple of {multiple}")
+        reason = size_reason(height, width, **rule)
         logging.warning("Editing a %dx%d image at %dx%d (%s); the result is resized back to "
                         "%dx%d.", width, height, working[1], working[0], reason, width, height)
     record = object_phrases is not None

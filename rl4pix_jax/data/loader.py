@@ -26,8 +26,9 @@ Each ``next(iterator)`` returns an ``EditBatch``: ``arrays`` (numpy only, for ji
 
 The iterator's ``get_state()`` is a JSON-serialisable dict (grain's state plus counters);
 ``set_state`` on a fresh iterator built with the same arguments continues with exactly the next
-batch. Bad records raise ``records.RecordError`` (naming record and field) unless
-``skip_bad_records``: then they are dropped and counted in ``bad_records`` (part of the state).
+batch. Bad records raise ``records.RecordError`` (naming record and field, then
+``bad_record_fix``) unless ``skip_bad_records``: then they are dropped and counted in
+``bad_records`` (part of the state).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class LoaderConfig:
     drop_remainder: drop a last incomplete batch (only matters when num_epochs is set).
     num_threads: grain reader threads for decoding.
     prefetch_buffer_size: decoded examples grain keeps ready.
+    bad_record_fix: appended to a bad record's error: how the caller's user skips bad records
+      (a run: ``run_setup.BAD_RECORD_FIX``, the ``--config.data.skip_bad_records`` flag).
   """
   batch_size: int
   resolution: int = 64
@@ -77,6 +80,7 @@ class LoaderConfig:
   drop_remainder: bool = True
   num_threads: int = 2
   prefetch_buffer_size: int = 16
+  bad_record_fix: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,12 +211,15 @@ class EditBatchIterator:
     examples = []
     while len(examples) < self._config.batch_size:
       try:
-        example = next(self._examples)
+        example = self._tokenize_phrase(next(self._examples))
       except StopIteration:
         if examples and not self._config.drop_remainder:
           break
         raise
-      example = self._tokenize_phrase(example)
+      except records.RecordError as e:
+        if not self._config.bad_record_fix:
+          raise
+        raise e.with_fix(self._config.bad_record_fix) from None
       if isinstance(example, BadRecord):
         self.bad_records += 1
         self.bad_messages = (self.bad_messages + [example.message])[-MAX_BAD_MESSAGES:]

@@ -28,7 +28,9 @@ Conversions into ``records.RECORD_FIELDS``:
 Bad records (corrupt image, missing field, empty instruction, wrong mask size, phrase not in
 the instruction) raise ``records.RecordError`` naming the parquet file, row and field, unless
 the config has ``skip_bad_records=True``: then they are skipped, logged, and counted in
-``builder.info.metadata["skipped_records"]`` per split.
+``builder.info.metadata["skipped_records"]`` per split. A shard that is not a readable parquet
+file, or lacks a required column, raises ``records.DataFileError`` naming it
+(``check_parquet_file`` checks one before a build starts).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ OPTIONAL_COLUMNS = ("object_phrase", "task", "source_caption", "target_caption")
 SPLIT_NAMES = {"train": "train", "dev": "validation", "validation": "validation",
                "test": "test"}
 HF_REPO_ID = "osunlp/MagicBrush"
+# The end of a bad row's error when the build stops at it.
+SKIP_FIX = ("Fix or remove the row, or rerun launch.prepare_data with --skip_bad_records to "
+            "skip and count bad rows.")
 _SHARD_NAME = re.compile(r"^(?P<split>[a-z]+)-\d+-of-\d+\.parquet$")
 
 
@@ -138,11 +143,32 @@ def magicbrush_record(row: Mapping, name: str) -> Tuple[str, dict]:
   }
 
 
-def read_parquet_rows(path: str, batch_size: int = 16) -> Iterator[dict]:
-  """Rows of one parquet file as dicts (read in small batches to bound memory)."""
+def check_parquet_file(path: str):
+  """The opened ``pyarrow.parquet.ParquetFile`` of a shard with every required column.
+
+  Raises:
+    records.DataFileError: not a readable parquet file, or a required column is missing.
+  """
   import pyarrow.parquet as pq  # local import: only the MagicBrush build needs pyarrow
 
-  parquet = pq.ParquetFile(path)
+  try:
+    parquet = pq.ParquetFile(path)
+    names = set(parquet.schema_arrow.names)
+  except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for non-parquet data
+    raise records.DataFileError(
+        f"{path}: not a readable parquet file ({type(e).__name__}: {e}); replace it with the "
+        "shard from osunlp/MagicBrush, or move it out of the folder.") from None
+  missing = [c for c in REQUIRED_COLUMNS if c not in names]
+  if missing:
+    raise records.DataFileError(
+        f"{path}: lacks the MagicBrush column(s) {missing} (it has {sorted(names)}); expected "
+        f"the osunlp/MagicBrush columns {list(REQUIRED_COLUMNS)}.")
+  return parquet
+
+
+def read_parquet_rows(path: str, batch_size: int = 16) -> Iterator[dict]:
+  """Rows of one parquet file as dicts (read in small batches to bound memory)."""
+  parquet = check_parquet_file(path)
   names = set(parquet.schema_arrow.names)
   columns = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in names]
   for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
@@ -190,7 +216,7 @@ class Magicbrush(tfds.core.GeneratorBasedBuilder):
           key, record = magicbrush_record(row, name)
         except records.RecordError as e:
           if not skip:
-            raise
+            raise e.with_fix(SKIP_FIX) from None
           skipped += 1
           logging.warning("Skipping bad MagicBrush record: %s", e)
           continue

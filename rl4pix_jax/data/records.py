@@ -19,7 +19,9 @@ Conversions (documented, not errors): greyscale, palette, CMYK and 16-bit images
 RGBA/LA are composited over white; a target of another size than the source is resized to
 it; non-square images are centre-cropped to a square before resizing; resized masks are soft
 (area-averaged) in [0, 1].
-Errors: ``RecordError`` (a ValueError) naming the record id/index and the field.
+Errors: ``RecordError`` (a ValueError) naming the record id/index and the field (and, where the
+caller knows one, the option that skips bad records); ``DataFileError`` naming a source file
+that cannot be read at all.
 """
 
 from __future__ import annotations
@@ -38,12 +40,23 @@ RECORD_FIELDS = TEXT_FIELDS[:1] + IMAGE_FIELDS + TEXT_FIELDS[1:] + ("task",)
 
 
 class RecordError(ValueError):
-  """A record is malformed; the message names the record and the field."""
+  """A record is malformed; the message names the record and the field, then ``fix``."""
 
-  def __init__(self, record: str, field: str, problem: str):
+  def __init__(self, record: str, field: str, problem: str, fix: str = ""):
     self.record = record
     self.field = field
-    super().__init__(f"Record {record}, field {field!r}: {problem}")
+    self.problem = problem
+    self.fix = fix
+    super().__init__(f"Record {record}, field {field!r}: {problem}" + (f" {fix}" if fix else ""))
+
+  def with_fix(self, fix: str) -> "RecordError":
+    """The same error with ``fix`` (e.g. the flag that skips bad records) at its end."""
+    return RecordError(self.record, self.field, self.problem, fix)
+
+
+class DataFileError(ValueError):
+  """A dataset source file cannot be read (not the format its name says, missing columns);
+  the message names the file."""
 
 
 def as_text(value: Any) -> str:

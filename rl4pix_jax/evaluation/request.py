@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 from absl import logging
 
+from rl4pix_jax import editing
 from rl4pix_jax.evaluation.examples import load_examples
 from rl4pix_jax.evaluation.reports import FIGURE_EXAMPLES, write_reports
 from rl4pix_jax.evaluation.scoring import (SamplerSettings, evaluate, load_magicbrush_models,
@@ -106,6 +107,9 @@ def run_evaluation(request: EvaluationRequest) -> Dict[str, str]:
     raise EvaluationError("MagicBrush metrics need --clip_model=<CLIP ViT-B/32 folder, e.g. "
                           "openai/clip-vit-base-patch32> and --dino_model=<DINO ViT-S/16 folder, "
                           "e.g. facebook/dino-vits16>.")
+  if request.steps is not None and request.steps < 1:
+    raise EvaluationError(f"--steps={request.steps}: pass a positive number of DDIM steps (or "
+                          "leave it out for the run's or exported folder's).")
   if request.max_examples is not None and request.max_examples < 1:
     raise EvaluationError(f"--max_examples={request.max_examples}: pass a positive number (or "
                           "leave it out to evaluate the whole split).")
@@ -155,14 +159,13 @@ def run_evaluation(request: EvaluationRequest) -> Dict[str, str]:
     flag = (f"--workdir={request.workdir}" if request.workdir
             else f"--pretrained={request.pretrained}")
     raise EvaluationError(f"{flag}: {e}") from e
-  sampler = config.sampler if config else {}
-  settings = SamplerSettings(
-      num_steps=request.steps or sampler.get("num_steps", 20),
-      guidance_scale=(request.guidance_scale if request.guidance_scale is not None
-                      else sampler.get("guidance_scale", 7.5)),
-      image_guidance_scale=(request.image_guidance_scale if request.image_guidance_scale
-                            is not None else sampler.get("image_guidance_scale", 1.5)),
-      eta=request.eta, seed=request.seed, batch_size=request.batch_size)
+  # The run's config.sampler, or an exported folder's rl4pix_sampler.json (as launch.edit);
+  # explicit flags win.
+  sampler = editing.resolve_sampler(editors[-1][1].sampler_defaults, num_steps=request.steps,
+                                    guidance_scale=request.guidance_scale,
+                                    image_guidance_scale=request.image_guidance_scale)
+  settings = SamplerSettings(**sampler, eta=request.eta, seed=request.seed,
+                             batch_size=request.batch_size)
   tokenizer = editors[0][1].tokenizer
   notes = []
   clip_t_text = "target_caption"

@@ -15,7 +15,7 @@ from typing import Optional
 import ml_collections
 from absl import logging
 
-from rl4pix_jax import editing, pipeline
+from rl4pix_jax import editing, export, pipeline
 from rl4pix_jax.rl import train_state
 from rl4pix_jax.rl.run_setup import RLSetup
 from rl4pix_jax.workdir import checkpointer as checkpointing
@@ -67,7 +67,7 @@ class LoadedRun:
     """The editor before RL (supervised or pretrained), sharing models and tokenizer."""
     return editing.Editor(self.setup.models, self.setup.params, self.setup.tokenizer,
                           self.editor.max_object_tokens, self.editor.capture_size,
-                          self.editor.resolution)
+                          self.editor.resolution, self.editor.sampler_defaults)
 
 
 def load_run(workdir: str, step: Optional[int] = None,
@@ -112,7 +112,8 @@ def load_run(workdir: str, step: Optional[int] = None,
   editor = editing.Editor(setup.models, params, setup.tokenizer,
                           max_object_tokens=config.data.get("max_object_tokens", 8),
                           capture_size=config.sampler.get("capture_size") or None,
-                          resolution=resolution)
+                          resolution=resolution,
+                          sampler_defaults=export.sampler_settings(config.sampler))
   return LoadedRun(config=config, setup=setup, editor=editor, epoch=epoch)
 
 
@@ -129,9 +130,7 @@ def load_pretrained_editor(path_or_hub_id: str, max_object_tokens: int = 8,
   ``editor.sampler_defaults`` holds the sampler an exported run recorded
   (``export.SAMPLER_FILE``: num_steps, guidance_scale, image_guidance_scale, eta), or {}.
   """
-  from rl4pix_jax import export  # pylint: disable=import-outside-toplevel
   models, params, tokenizer = pipeline.load_diffusers_editor(path_or_hub_id)
-  editor = editing.Editor(models, params, tokenizer, max_object_tokens=max_object_tokens,
-                          capture_size=capture_size)
-  editor.sampler_defaults = export.read_sampler(path_or_hub_id)
-  return editor
+  return editing.Editor(models, params, tokenizer, max_object_tokens=max_object_tokens,
+                        capture_size=capture_size,
+                        sampler_defaults=export.read_sampler(path_or_hub_id))

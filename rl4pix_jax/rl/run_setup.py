@@ -27,6 +27,10 @@ from rl4pix_jax.tokenizer import load_clip_tokenizer
 from rl4pix_jax.weights import transformers_clip
 from rl4pix_jax.workdir import layout
 
+# The end of a bad record's error in a run (the loader's ``bad_record_fix``).
+BAD_RECORD_FIX = ("Fix the record and rebuild the dataset, or rerun with "
+                  "--config.data.skip_bad_records=True to skip and count bad records.")
+
 
 @dataclasses.dataclass
 class RLSetup:
@@ -110,7 +114,7 @@ def make_iterator(config: ml_collections.ConfigDict, workdir: str, tokenizer: An
       seed=config.seed, shuffle=shuffle, num_epochs=num_epochs,
       max_object_tokens=config.data.max_object_tokens,
       skip_bad_records=config.data.skip_bad_records, num_threads=config.data.num_threads,
-      drop_remainder=num_epochs is None)
+      drop_remainder=num_epochs is None, bad_record_fix=BAD_RECORD_FIX)
   return loader_lib.make_edit_iterator(source, tokenizer, loader_config,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())

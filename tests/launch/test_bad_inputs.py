@@ -157,19 +157,21 @@ def test_unreadable_newest_checkpoint_falls_back_in_edit_and_train(tiny_run, ima
     assert [json.loads(line)["epoch"] for line in f] == [0, 1]
 
 
-def test_max_side_size_keeps_the_aspect_and_leaves_small_images_alone(tmp_path):
-  # In a subprocess: launch.edit's absl flags would clash with launch.prepare_data's
-  # (imported by other tests) in this process.
-  code = ("from launch.edit import max_side_size as f; "
-          "assert f(3000, 4000, 512) == (384, 512); assert f(300, 200, 512) is None; "
-          "assert f(40, 36, 32) == (32, 29); assert f(5000, 10, 512) == (512, 1); "
-          "assert f(4000, 3000, 0) is None; print('ok')")
-  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
-  from tests.helpers.cli import cli_env  # pylint: disable=import-outside-toplevel
-  from tests.helpers.paths import REPO_ROOT  # pylint: disable=import-outside-toplevel
-  done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=cli_env(tmp_path),
-                        capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+def test_max_side_is_part_of_the_one_size_rule():
+  from rl4pix_jax import editing  # pylint: disable=import-outside-toplevel
+  f = editing.max_side_size
+  assert f(3000, 4000, 512) == (384, 512) and f(300, 200, 512) == (300, 200)
+  assert f(40, 36, 32) == (32, 29) and f(5000, 10, 512) == (512, 1) and f(4000, 3000, 0) == (
+      4000, 3000)
+  size = editing.editing_size
+  # Stable Diffusion (multiple 64): a 4000x3000 photo is edited at 512x384, one resize.
+  assert size(3000, 4000, 64, max_side=512) == (384, 512)
+  assert size(200, 300, 64, max_side=512) == (192, 256)  # fits: only rounded down
+  assert size(120, 200, 4, max_side=32) == (16, 32)  # scaled to 19x32, then multiples of 4
+  # An editor trained at one resolution, or an explicit size, is not scaled first.
+  assert size(3000, 4000, 4, resolution=32, max_side=16) == (32, 32)
+  assert size(3000, 4000, 64, size=(256, 320), max_side=512) == (256, 320)
+  assert "max_side=32" in editing.size_reason(120, 200, 4, max_side=32)
 
 
 def test_large_image_is_edited_downscaled_and_returned_at_its_size(tiny_run, tmp_path):
@@ -178,6 +180,135 @@ def test_large_image_is_edited_downscaled_and_returned_at_its_size(tiny_run, tmp
   Image.fromarray(np.random.default_rng(1).integers(0, 256, (120, 200, 3), np.uint8)).save(big)
   done = run_cli("launch.edit", *_edit_flags(workdir, big, tmp_path / "o.png"), tmp=tmp_path)
   assert done.returncode == 0, done.stderr[-2000:]
-  notes = [line for line in done.stderr.splitlines() if "--max_side=32" in line]
-  assert len(notes) == 1 and "200x120" in notes[0] and "edited at 32x19" in notes[0]
+  notes = [line for line in done.stderr.splitlines() if "200x120" in line]
+  assert len(notes) == 1, done.stderr[-2000:]  # one line, one resize (not max_side, then 4s)
+  assert "at 32x16" in notes[0] and "max_side=32" in notes[0] and "back to 200x120" in notes[0]
   assert np.asarray(Image.open(tmp_path / "o.png")).shape == (120, 200, 3)
+
+
+# ------------------------------------------------------------------ data (launch.prepare_data)
+
+
+def run_prepare_data(capsys, *argv):
+  """``launch.prepare_data`` main in-process behind the CLI boundary (``cli.guarded``), its
+  flags parsed from ``argv`` and restored afterwards; returns (exit code, stdout, stderr)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+  from launch import cli, prepare_data  # pylint: disable=import-outside-toplevel
+  capsys.readouterr()
+  with flagsaver.flagsaver():
+    flags.FLAGS(["prepare_data", *argv], known_only=True)
+    code = cli.guarded(prepare_data.main)(["prepare_data"])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def _one_error_line(err):
+  assert "Traceback" not in err, err[-2000:]
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, err[-2000:]
+  return errors[0]
+
+
+@pytest.fixture(scope="module")
+def parquet_folders(tmp_path_factory):
+  """MagicBrush-like folders: empty, a text file named like a shard, a shard with bad rows."""
+  from tests.data.test_data_builders import magicbrush_rows, write_parquet
+  root = tmp_path_factory.mktemp("bad_parquet")
+  (root / "empty").mkdir()
+  (root / "text" / "data").mkdir(parents=True)
+  (root / "text" / "data" / "train-00000-of-00001.parquet").write_text("not parquet\n")
+  write_parquet(root / "bad_rows" / "data", "train-00000-of-00001.parquet", magicbrush_rows())
+  return root
+
+
+# (id, flags(parquet root, data dir) -> list, exit code, words the line must hold)
+PREPARE_CASES = [
+    ("empty_magicbrush_dir", lambda p, d: [f"--magicbrush_dir={p / 'empty'}"], 2,
+     ["--magicbrush_dir=", "empty", "train-00000-of-00051.parquet", "--download"]),
+    ("missing_magicbrush_dir", lambda p, d: [], 2, ["--magicbrush_dir=<folder"]),
+    ("text_named_parquet", lambda p, d: [f"--magicbrush_dir={p / 'text'}"], 1,
+     ["train-00000-of-00001.parquet", "not a readable parquet file"]),
+    ("bad_row", lambda p, d: [f"--magicbrush_dir={p / 'bad_rows'}"], 1,
+     ["train-00000-of-00001.parquet row 3", "'source_img'", "--skip_bad_records"]),
+]
+
+
+@pytest.mark.parametrize("make_flags,code,words", [c[1:] for c in PREPARE_CASES],
+                         ids=[c[0] for c in PREPARE_CASES])
+def test_prepare_magicbrush_bad_input_is_one_line_and_leaves_the_data_dir(
+    parquet_folders, tmp_path, capsys, make_flags, code, words):
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  (data_dir / "other_dataset.txt").write_text("kept\n")
+  before = folder_hashes(data_dir)
+  done, _, err = run_prepare_data(capsys, "--dataset=magicbrush", f"--data_dir={data_dir}",
+                                  *make_flags(parquet_folders, data_dir))
+  assert done == code, err[-2000:]
+  line = _one_error_line(err)
+  for word in words:
+    assert word in line, line
+  assert folder_hashes(data_dir) == before and os.listdir(data_dir) == ["other_dataset.txt"]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--train_size=-1"], ["--train_size=-1", ">= 0", "--train_size=2000"]),
+    (["--train_size=0", "--validation_size=0", "--test_size=0"],
+     ["--train_size=0 --validation_size=0 --test_size=0", "nothing to build"]),
+    (["--resolution=4"], ["--resolution=4", ">= 8", "--resolution=32"]),
+], ids=["negative_size", "all_sizes_zero", "tiny_resolution"])
+def test_prepare_shapes_bad_sizes_are_one_line_and_write_nothing(tmp_path, capsys, argv, words):
+  done, _, err = run_prepare_data(capsys, "--dataset=shapes_edit",
+                                  f"--data_dir={tmp_path / 'data'}", *argv)
+  assert done == 2, err[-2000:]
+  line = _one_error_line(err)
+  for word in words:
+    assert word in line, line
+  assert not (tmp_path / "data").exists()
+
+
+def test_prepare_data_defaults_are_the_default_runs(capsys):
+  """One default in one place: prepare_data's shapes_edit flags default to configs/shapes.py."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from configs import shapes  # pylint: disable=import-outside-toplevel
+  from launch import prepare_data  # pylint: disable=import-outside-toplevel,unused-import
+  del capsys
+  config = shapes.get_config()
+  resolution = flags.FLAGS["resolution"]
+  assert resolution.default == config.resolution == 32 and "configs/shapes.py" in resolution.help
+  assert [flags.FLAGS[f"{s}_size"].default for s in ("train", "validation", "test")] == [
+      config.data.train_size, config.data.validation_size, config.data.test_size]
+  assert flags.FLAGS["seed"].default == config.seed
+
+
+def test_a_runs_bad_record_names_the_config_flag_that_skips_it(parquet_folders, tmp_path):
+  """A record the builder accepts but the run's loader cannot use (its object phrase lies past
+  the text encoder's 77 tokens): the error names the record and --config.data.skip_bad_records;
+  with that flag the record is skipped and counted."""
+  from configs import shapes  # pylint: disable=import-outside-toplevel
+  from launch import cli, prepare_data  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.data import records  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.rl import run_setup  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.tokenizer import load_clip_tokenizer  # pylint: disable=import-outside-toplevel
+  from tests.data.test_data_builders import magicbrush_rows, tfds_tmpdir, write_parquet
+  rows = magicbrush_rows()[:3]
+  rows[1] = dict(rows[1], instruction="please " * 80 + "remove the red car",
+                 object_phrase="red car")
+  write_parquet(tmp_path / "parquet", "train-00000-of-00001.parquet",
+                [dict(r, object_phrase=r.get("object_phrase", "")) for r in rows])
+  with tfds_tmpdir(tmp_path / "tmp"):
+    prepare_data.prepare_magicbrush(str(tmp_path / "data"), str(tmp_path / "parquet"), False)
+  config = shapes.get_config()
+  config.data.dataset, config.data.data_dir = "magicbrush", str(tmp_path / "data")
+  tokenizer = load_clip_tokenizer()
+  iterator = run_setup.make_iterator(config, str(tmp_path / "run"), tokenizer, "train", 3,
+                                     shuffle=False, num_epochs=1)
+  with pytest.raises(records.RecordError) as raised:
+    next(iterator)
+  line = cli.one_line(raised.value)
+  assert cli.error_exit_code(raised.value) == 1
+  assert "field 'object_phrase'" in line and "--config.data.skip_bad_records=True" in line
+  config.data.skip_bad_records = True
+  iterator = run_setup.make_iterator(config, str(tmp_path / "run"), tokenizer, "train", 3,
+                                     shuffle=False, num_epochs=1)
+  assert len(next(iterator).texts["instruction"]) == 2 and iterator.bad_records == 1

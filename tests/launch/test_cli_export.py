@@ -111,3 +111,29 @@ def test_export_carries_the_sampler_and_plain_file_modes(tiny_run, exported):
   modes = {os.stat(os.path.join(root, n)).st_mode & 0o777
            for root, _, names in os.walk(exported) for n in names}
   assert len(modes) == 1, modes  # .safetensors as readable as the JSON files
+
+
+def test_evaluate_pretrained_export_uses_its_sampler_and_flags_win(tiny_run, exported, tmp_path):
+  """launch.evaluate --pretrained=<export> reads rl4pix_sampler.json (as launch.edit does):
+  the run's 2 steps, not 20; an explicit --guidance_scale still wins over the file's."""
+  workdir, root = tiny_run
+  recorded = export.read_sampler(str(exported))
+  assert recorded["num_steps"] == 2 and recorded["guidance_scale"] != 3.0
+  done = run_cli("launch.evaluate", f"--pretrained={exported}", "--dataset=shapes_edit",
+                 f"--data_dir={workdir.parent / 'data'}", f"--clip_model={root / 'clip'}",
+                 "--resolution=32", "--split=test", "--max_examples=2", "--guidance_scale=3.0",
+                 f"--output={tmp_path / 'eval'}", tmp=tmp_path)
+  assert done.returncode == 0, done.stderr[-3000:]
+  sampler = json.loads((tmp_path / "eval.json").read_text())["sampler"]
+  assert sampler["num_steps"] == 2 and sampler["guidance_scale"] == 3.0
+  assert sampler["image_guidance_scale"] == recorded["image_guidance_scale"]
+
+
+def test_resolve_sampler_explicit_then_recorded_then_default():
+  assert editing.resolve_sampler({"num_steps": 2, "guidance_scale": 4.0, "eta": 1.0},
+                                 num_steps=None, guidance_scale=3.0) == {
+                                     "num_steps": 2, "guidance_scale": 3.0,
+                                     "image_guidance_scale": 1.5}
+  assert editing.resolve_sampler({}) == editing.DEFAULT_SAMPLER
+  with pytest.raises(TypeError, match="steps"):
+    editing.resolve_sampler({}, steps=3)

@@ -77,5 +77,8 @@ def test_run_default_with_the_shipped_stages(tmp_path):
     assert json.load(open(workdir / stage / "model_config.json")) == shipped_config
   report = json.load(open(workdir / "results.json", encoding="utf-8"))
   assert len(report["models"]) == 2 and len(report["example_ids"]) == 2
+  table_header = next(line for line in (workdir / "results.md").read_text().splitlines()
+                      if line.startswith("| model"))
+  assert result.stdout.count(table_header) == 1  # the results table is printed once
   timings = json.load(open(workdir / "timings.json", encoding="utf-8"))
   assert {"install_supervised", "rl", "evaluation", "total"} <= set(timings)
