@@ -141,6 +141,10 @@ def metric_curves(series: Dict[str, Sequence[float]],
   all_xs = np.concatenate([x for x in xs_of.values()]) if xs_of else np.zeros(0)
   x_lo = float(all_xs.min()) if all_xs.size else 0.0
   x_hi = float(all_xs.max()) if all_xs.size and all_xs.max() > x_lo else x_lo + 1.0
+  x_first, x_last = x_lo, x_hi  # the labelled x values
+  if intervals:  # keep the bars off the frame
+    pad_x, pad_y = 0.03 * (x_hi - x_lo), 0.05 * (hi - lo)
+    x_lo, x_hi, lo, hi = x_lo - pad_x, x_hi + pad_x, lo - pad_y, hi + pad_y
   def point(x, y):
     px = left + (x - x_lo) / max(x_hi - x_lo, 1e-12) * (width - left - right)
     py = height - bottom - (y - lo) / (hi - lo) * (height - top - bottom)
@@ -165,8 +169,10 @@ def metric_curves(series: Dict[str, Sequence[float]],
               fill=(60, 60, 60), font=font)
   draw.text((4, top - 6), f"{hi:.4g}", fill=(0, 0, 0), font=font)
   draw.text((4, height - bottom - 8), f"{lo:.4g}", fill=(0, 0, 0), font=font)
-  draw.text((left, height - bottom + 4), f"{x_lo:g}", fill=(0, 0, 0), font=font)
-  draw.text((width - right - 30, height - bottom + 4), f"{x_hi:g}", fill=(0, 0, 0), font=font)
+  draw.text((point(x_first, lo)[0], height - bottom + 4), f"{x_first:g}", fill=(0, 0, 0),
+            font=font)
+  draw.text((min(point(x_last, lo)[0], width - right - 30), height - bottom + 4), f"{x_last:g}",
+            fill=(0, 0, 0), font=font)
   return canvas
 
 

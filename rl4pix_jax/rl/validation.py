@@ -282,14 +282,14 @@ def write_curve(workdir: str, history: Sequence[dict]) -> Optional[str]:
   rows = validation_rows(history)
   if not rows:
     return None
-  series = {PREFIX + k: [r.get(PREFIX + k, math.nan) for r in rows] for k in CURVE_METRICS
+  series = {k: [r.get(PREFIX + k, math.nan) for r in rows] for k in CURVE_METRICS
             if any(PREFIX + k in r for r in rows)}
   if not series:
     return None
   path = os.path.join(workdir, CURVE_FILE)
   visualize.metric_curves(series, steps=[r[PREFIX + "samples_seen"] for r in rows],
-                          title=f"Validation ({int(rows[-1][PREFIX + 'examples'])} edits, eta 0)",
-                          x_label="samples seen").save(path)
+                          title=f"Validation val_* ({int(rows[-1][PREFIX + 'examples'])} edits, "
+                          "eta 0)", x_label="samples seen", size=(800, 360)).save(path)
   return path
 
 
