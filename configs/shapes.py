@@ -169,6 +169,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.image_every = 5  # epochs between sample grids
   c.train.max_nonfinite_in_a_row = 3
+  # Validation during RL (rl4pix_jax/rl/validation.py): the starting policy before the first
+  # update, then the policy after every eval_every-th epoch and after the last one edit the
+  # first eval_examples of eval_split (seed 0, eta 0, the run's steps and guidance: what
+  # `launch.evaluate --split=<eval_split> --max_examples=<eval_examples>` reports) and log
+  # val_* metrics. 0 = off. The default 20-epoch run validates 5 times.
+  c.train.eval_every = 5  # epochs
+  c.train.eval_examples = 64
+  c.train.eval_split = "validation"
+  # Keep the checkpoint of the best validation success in <workdir>/checkpoints_best
+  # (ties: the earlier epoch), whatever keep_checkpoints deletes; `--step=best` loads it.
+  c.train.keep_best = True
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices

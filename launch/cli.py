@@ -162,6 +162,36 @@ def one_line(error: BaseException, limit: int = 400) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+class _StepParser(flags.ArgumentParser):
+  """``--step``: an RL checkpoint epoch (an integer >= 0) or ``best``."""
+
+  def parse(self, argument):
+    if argument is None or (isinstance(argument, int) and not isinstance(argument, bool)):
+      return argument
+    text = str(argument).strip().lower()
+    if text == "best":
+      return "best"
+    try:
+      value = int(text)
+    except ValueError:
+      value = -1
+    if value < 0:
+      raise ValueError(f"{argument!r} is neither an RL checkpoint epoch (an integer >= 0) nor "
+                       "'best' (the checkpoint of the best validation success).")
+    return value
+
+  def flag_type(self):
+    return "epoch or 'best'"
+
+
+def define_step_flag(what: str = "RL checkpoint") -> None:
+  """``--step``: an epoch, ``best`` (the best validation success, ``checkpoints_best/``) or,
+  by default, the latest checkpoint; shared by launch.edit, launch.evaluate, launch.export."""
+  flags.DEFINE(_StepParser(), "step", None,
+               f"{what} epoch, or 'best': the checkpoint of the best validation success "
+               "(a run trained with --config.train.eval_every > 0). Default: the latest.")
+
+
 def fail(message: str, code: int = USAGE_ERROR) -> int:
   """Prints ``error: <message>`` on stderr and returns ``code`` (for ``return fail(...)``)."""
   print(f"error: {message}", file=sys.stderr, flush=True)

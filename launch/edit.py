@@ -33,7 +33,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder written by launch.train.")
-flags.DEFINE_integer("step", None, "RL checkpoint epoch of --workdir (default: the latest).")
+cli.define_step_flag()
 flags.DEFINE_bool("no_rl", False, "Use the run's starting editor, without the RL policy.")
 flags.DEFINE_string("pretrained", None, "Diffusers InstructPix2Pix folder or hub id "
                     "(instead of --workdir).")

@@ -34,7 +34,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder written by launch.train.")
 flags.DEFINE_string("pretrained", None, "Diffusers InstructPix2Pix folder or hub id "
                     "(instead of --workdir; MagicBrush only unless --clip_model is given).")
-flags.DEFINE_integer("step", None, "RL checkpoint epoch (default: the latest).")
+cli.define_step_flag()
 flags.DEFINE_bool("no_rl", False, "Evaluate the run's starting editor (no RL checkpoint).")
 flags.DEFINE_bool("compare_no_rl", False, "Also evaluate the starting editor (same examples "
                   "and seeds) and put both rows in the table.")

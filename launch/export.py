@@ -16,7 +16,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder written by launch.train.", required=True)
 flags.DEFINE_string("output", None, "Folder to write the diffusers pipeline into.",
                     required=True)
-flags.DEFINE_integer("step", None, "RL checkpoint epoch (default: the latest).")
+cli.define_step_flag()
 flags.DEFINE_bool("no_rl", False, "Export the run's starting editor (no RL checkpoint).")
 
 

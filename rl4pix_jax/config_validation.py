@@ -169,6 +169,16 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
                         ("keep_checkpoints", 3), ("max_nonfinite_in_a_row", 3)):
     check_int(config, f"train.{name}", 1, example=example)
   check_int(config, "train.image_every", 0, example=5)
+  check_int(config, "train.eval_every", 0, example=5)
+  check_int(config, "train.eval_examples", 1, example=64)
+  split = _get(config, "train.eval_split")
+  if split is not _MISSING and (not isinstance(split, str) or not split.strip()):
+    raise ConfigError(f"{flag('train.eval_split', split)}: must name a split of the dataset; "
+                      f"e.g. {flag('train.eval_split', 'validation')}.")
+  keep_best = _get(config, "train.keep_best")
+  if keep_best is not _MISSING and not isinstance(keep_best, bool):
+    raise ConfigError(f"{flag('train.keep_best', keep_best)}: must be True or False; e.g. "
+                      f"{flag('train.keep_best', True)}.")
   batch = _get(config, "train.sample_batch_size")
   repeats = _get(config, "train.samples_per_prompt")
   if repeats is not _MISSING and batch is not _MISSING and batch % repeats:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -88,26 +88,46 @@ def captioned_grid(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[str]
   return canvas
 
 
-def metric_curves(series: Dict[str, Sequence[float]], steps: Optional[Sequence[float]] = None,
-                  title: str = "", size=(640, 360)) -> Image.Image:
+def metric_curves(series: Dict[str, Sequence[float]],
+                  steps: Optional[Union[Sequence[float], Dict[str, Sequence[float]]]] = None,
+                  title: str = "", size=(640, 360),
+                  intervals: Optional[Dict[str, Sequence[Tuple[float, float]]]] = None,
+                  x_label: str = "") -> Image.Image:
   """A line plot of one or more metric series against epochs (own axes, PIL only).
 
   Args:
-    series: name -> values (equal lengths; non-finite values are skipped).
-    steps: x values (default 0..n-1).
+    series: name -> values (non-finite values are skipped); equal lengths unless ``steps``
+      gives each series its own x values.
+    steps: x values shared by every series (default 0..n-1), or name -> x values per series
+      (runs with different samples per epoch on one axis).
     title: text at the top.
+    intervals: optional name -> per point (low, high), drawn as a vertical bar at each point.
+    x_label: optional text under the x axis.
   Returns:
     An RGB PIL image with axes, min/max labels and a legend.
   """
   if not series:
     raise ValueError("metric_curves needs at least one series.")
-  lengths = {len(v) for v in series.values()}
-  if len(lengths) != 1:
-    raise ValueError(f"Series have different lengths {sorted(lengths)}.")
-  n = lengths.pop()
-  xs = np.arange(n, dtype=np.float64) if steps is None else np.asarray(steps, np.float64)
-  values = np.array([np.asarray(v, np.float64) for v in series.values()])
-  finite = values[np.isfinite(values)]
+  if isinstance(steps, dict):
+    missing = [name for name in series if name not in steps]
+    if missing:
+      raise ValueError(f"metric_curves: no x values for {missing}.")
+    xs_of = {name: np.asarray(steps[name], np.float64) for name in series}
+    for name, row in series.items():
+      if len(row) != len(xs_of[name]):
+        raise ValueError(f"Series {name!r} has {len(row)} values but {len(xs_of[name])} steps.")
+  else:
+    lengths = {len(v) for v in series.values()}
+    if len(lengths) != 1:
+      raise ValueError(f"Series have different lengths {sorted(lengths)}.")
+    n = lengths.pop()
+    shared = np.arange(n, dtype=np.float64) if steps is None else np.asarray(steps, np.float64)
+    xs_of = {name: shared for name in series}
+  intervals = intervals or {}
+  rows = {name: np.asarray(v, np.float64) for name, v in series.items()}
+  finite = np.concatenate([r[np.isfinite(r)] for r in rows.values()] + [
+      np.asarray(b, np.float64).reshape(-1) for b in intervals.values() if len(b)])
+  finite = finite[np.isfinite(finite)]
   lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
   if hi - lo < 1e-12:
     lo, hi = lo - 0.5, hi + 0.5
@@ -118,23 +138,41 @@ def metric_curves(series: Dict[str, Sequence[float]], steps: Optional[Sequence[f
   font = _font()
   draw.text((left, 8), title, fill=(0, 0, 0), font=font)
   draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-  x_lo, x_hi = float(xs.min()) if n else 0.0, float(xs.max()) if n > 1 else 1.0
+  all_xs = np.concatenate([x for x in xs_of.values()]) if xs_of else np.zeros(0)
+  x_lo = float(all_xs.min()) if all_xs.size else 0.0
+  x_hi = float(all_xs.max()) if all_xs.size and all_xs.max() > x_lo else x_lo + 1.0
+  x_first, x_last = x_lo, x_hi  # the labelled x values
+  if intervals:  # keep the bars off the frame
+    pad_x, pad_y = 0.03 * (x_hi - x_lo), 0.05 * (hi - lo)
+    x_lo, x_hi, lo, hi = x_lo - pad_x, x_hi + pad_x, lo - pad_y, hi + pad_y
   def point(x, y):
     px = left + (x - x_lo) / max(x_hi - x_lo, 1e-12) * (width - left - right)
     py = height - bottom - (y - lo) / (hi - lo) * (height - top - bottom)
     return px, py
-  for k, (name, row) in enumerate(zip(series, values)):
+  for k, (name, row) in enumerate(rows.items()):
     colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
+    xs = xs_of[name]
+    for x, (low, high) in zip(xs, intervals.get(name, ())):
+      if np.isfinite(low) and np.isfinite(high):
+        (bx, by_low), (_, by_high) = point(x, low), point(x, high)
+        draw.line([(bx, by_low), (bx, by_high)], fill=colour, width=1)
+        draw.line([(bx - 3, by_low), (bx + 3, by_low)], fill=colour, width=1)
+        draw.line([(bx - 3, by_high), (bx + 3, by_high)], fill=colour, width=1)
     pts = [point(x, y) for x, y in zip(xs, row) if np.isfinite(y)]
     if len(pts) > 1:
       draw.line(pts, fill=colour, width=2)
     for px, py in pts:
       draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
     draw.text((left + 10 + 150 * k, height - 20), name, fill=colour, font=font)
+  if x_label:
+    draw.text(((width - 6 * len(x_label)) // 2, height - bottom + 4), x_label,
+              fill=(60, 60, 60), font=font)
   draw.text((4, top - 6), f"{hi:.4g}", fill=(0, 0, 0), font=font)
   draw.text((4, height - bottom - 8), f"{lo:.4g}", fill=(0, 0, 0), font=font)
-  draw.text((left, height - bottom + 4), f"{x_lo:g}", fill=(0, 0, 0), font=font)
-  draw.text((width - right - 30, height - bottom + 4), f"{x_hi:g}", fill=(0, 0, 0), font=font)
+  draw.text((point(x_first, lo)[0], height - bottom + 4), f"{x_first:g}", fill=(0, 0, 0),
+            font=font)
+  draw.text((min(point(x_last, lo)[0], width - right - 30), height - bottom + 4), f"{x_last:g}",
+            fill=(0, 0, 0), font=font)
   return canvas
 
 

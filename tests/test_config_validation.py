@@ -52,6 +52,10 @@ def test_the_default_config_is_valid():
     ("ppo.lora_target_regex", "(", "not a regular expression"),
     ("reward.attention_last_steps", 11, "integer in [0, 10]"),
     ("data.train_size", 0, "integer >= 1"),
+    ("train.eval_every", -1, "integer >= 0"),
+    ("train.eval_examples", 0, "integer >= 1"),
+    ("train.eval_split", "", "must name a split"),
+    ("train.keep_best", None, "True or False"),
 ])
 def test_bad_field_is_one_line_naming_the_flag(path, value, expected):
   with pytest.raises(cv.ConfigError) as e:

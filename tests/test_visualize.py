@@ -45,3 +45,42 @@ def test_metric_curves_draws_each_series():
     assert (pixels.reshape(-1, 3) == colour).all(-1).any()
   with pytest.raises(ValueError, match="lengths"):
     visualize.metric_curves({"a": [1.0], "b": [1.0, 2.0]})
+
+
+def test_metric_curves_with_own_steps_per_series_and_intervals():
+  image = visualize.metric_curves({"a": [0.2, 0.4], "b": [0.1, 0.3, 0.5]},
+                                  steps={"a": [0, 16], "b": [0, 8, 32]},
+                                  intervals={"a": [(0.1, 0.3), (0.3, 0.5)]})
+  pixels = np.asarray(image).reshape(-1, 3)
+  for colour in visualize.CURVE_COLOURS[:2]:
+    assert (pixels == colour).all(-1).any()
+  with pytest.raises(ValueError, match="3 values but 2 steps"):
+    visualize.metric_curves({"b": [0.1, 0.3, 0.5]}, steps={"b": [0, 8]})
+
+
+def _validated_run(folder, successes, examples=64, samples_per_epoch=16):
+  folder.mkdir()
+  lines = [{"epoch": -1 + i * 5, "val_success": s, "val_examples": examples,
+            "val_samples_seen": i * 5 * samples_per_epoch} for i, s in enumerate(successes)]
+  lines.insert(1, {"epoch": 0, "reward_mean": 0.1})  # a training line: not a point
+  (folder / "metrics.jsonl").write_text("".join(__import__("json").dumps(l) + "\n"
+                                                for l in lines))
+  return str(folder)
+
+
+def test_plot_runs_writes_one_figure_of_several_runs(tmp_path):
+  from launch import plot_runs  # pylint: disable=import-outside-toplevel
+  a = _validated_run(tmp_path / "a", [0.5, 0.625, 0.75])
+  b = _validated_run(tmp_path / "b", [0.5, 0.4375], samples_per_epoch=64)
+  points = plot_runs.validation_points(a, "val_success")
+  assert [p["samples_seen"] for p in points] == [0, 80, 160] and points[1]["n"] == 64
+  output = tmp_path / "figs" / "val.png"
+  assert plot_runs.plot_runs([a, b], ["x", "y"], "val_success", str(output)) == str(output)
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  pixels = np.asarray(Image.open(output).convert("RGB")).reshape(-1, 3)
+  for colour in visualize.CURVE_COLOURS[:2]:  # one curve per run
+    assert (pixels == colour).all(-1).any()
+  with pytest.raises(ValueError, match="one label per run"):
+    plot_runs.plot_runs([a, b], ["x"], "val_success", str(output))
+  with pytest.raises(ValueError, match="--metric=val_clip_t"):
+    plot_runs.plot_runs([a], None, "val_clip_t", str(output))

@@ -13,8 +13,8 @@ Modules:
 The names below are the package's API (``from rl4pix_jax import evaluation``).
 """
 
-from rl4pix_jax.evaluation.examples import (final_turn_indices, load_examples, session_order,
-                                            turn_key)
+from rl4pix_jax.evaluation.examples import (decode_examples, final_turn_indices, load_examples,
+                                            session_order, turn_key)
 from rl4pix_jax.evaluation.reports import (FIGURE_EXAMPLES, comparison_figure, edit_file_name,
                                            example_figure, markdown_table, save_edits,
                                            write_reports)

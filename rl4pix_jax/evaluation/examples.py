@@ -45,9 +45,17 @@ def load_examples(dataset_dir: str, split: str, resolution: int,
   else:
     count = len(source) if max_examples is None else min(max_examples, len(source))
     indices = list(range(count))
+  return decode_examples([source[i] for i in indices], resolution, indices)
+
+
+def decode_examples(raw: Sequence[dict], resolution: int,
+                    indices: Optional[Sequence[int]] = None) -> List[dict]:
+  """Raw records (``loader.open_split`` items, ``shapes.example_to_record`` dicts) as the
+  examples of an evaluation: decoded at ``resolution``, each with ``index`` (its position in
+  the split: ``indices``, default 0..N-1) and ``record``."""
+  indices = list(range(len(raw))) if indices is None else list(indices)
   out = []
-  for i in indices:
-    record = source[i]
+  for i, record in zip(indices, raw):
     example = records.decode_record(record, resolution, i)
     example.update(index=i, record=record)
     out.append(example)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 from absl import logging
 
@@ -41,7 +41,7 @@ class EvaluationRequest:
   """
   workdir: Optional[str]
   pretrained: Optional[str]
-  step: Optional[int]
+  step: Optional[Union[int, str]]  # an epoch or "best"
   no_rl: bool
   compare_no_rl: bool
   dataset: Optional[str]
@@ -150,7 +150,8 @@ def run_evaluation(request: EvaluationRequest) -> Dict[str, str]:
     if request.workdir:
       run = run_loading.load_run(request.workdir, request.step,
                                  use_rl=False if request.no_rl else None)
-      editors = [(f"RL epoch {run.epoch}" if run.epoch is not None else "no RL", run.editor)]
+      name = f"RL epoch {run.epoch}" if run.epoch is not None else "no RL"
+      editors = [(name + (" (best validation)" if request.step == "best" else ""), run.editor)]
       if request.compare_no_rl and run.epoch is not None:
         editors.insert(0, ("no RL (starting editor)", run.starting_editor()))
     else:

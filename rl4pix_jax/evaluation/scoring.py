@@ -175,6 +175,53 @@ def magicbrush_per_example(examples: Sequence[dict], edited: Sequence[np.ndarray
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
+# What a run can score on MagicBrush with its own models (no shapes check, no DINO): L1/L2 to
+# the target (MagicBrush's), attention mass inside the edit mask, CLIP-T with the run's CLIP.
+RUN_MODEL_METRICS = ("l1", "l2", "attention_mass_inside", "clip_t")
+
+
+@jax.jit
+def _pixel_distances(edited, target):
+  return {"l1": image_metrics.l1_distance(edited, target),
+          "l2": image_metrics.l2_distance(edited, target)}
+
+
+_jit_mass_inside = jax.jit(shapes_metrics.attention_mass_inside)
+_jit_clip_t = jax.jit(image_metrics.clip_text_similarity, static_argnums=(0, 2))
+
+
+def run_model_per_example(examples: Sequence[dict], edited: Sequence[np.ndarray],
+                          maps: Sequence[Optional[np.ndarray]], tokenizer: Any,
+                          clip_text: Any = None, clip_vision: Any = None,
+                          clip_params: Optional[Mapping] = None, batch_size: int = 8
+                          ) -> Dict[str, np.ndarray]:
+  """``RUN_MODEL_METRICS`` of each example (those that apply): {metric: (N,) float32}.
+
+  For data without the shapes check (MagicBrush) scored with a run's own models, e.g. the
+  validation during RL. ``attention_mass_inside`` needs maps and masks, ``clip_t`` a CLIP
+  (``clip_params`` {"text", "vision"}); edits are resized to the target size first.
+  """
+  with_maps = all(m is not None for m in maps) and all("mask" in e for e in examples)
+  out: Dict[str, List[np.ndarray]] = {}
+  for part in _batches(len(examples), batch_size):
+    chunk = examples[part]
+    target = jnp.asarray(np.stack([c["target"] for c in chunk]), jnp.float32) / 255.0
+    images = jnp.asarray(np.stack(edited[part]), jnp.float32) / 255.0
+    if images.shape != target.shape:
+      images = image_metrics.resize_to(images, target.shape[1], target.shape[2])
+    values = dict(_pixel_distances(images, target))
+    if with_maps:
+      values["attention_mass_inside"] = _jit_mass_inside(
+          jnp.asarray(np.stack(maps[part])), jnp.asarray(np.stack([c["mask"] for c in chunk])))
+    if clip_params is not None:
+      ids = jnp.asarray(tokenize(tokenizer, [c["target_caption"] for c in chunk]))
+      values["clip_t"] = _jit_clip_t(clip_text, clip_params["text"], clip_vision,
+                                     clip_params["vision"], images, ids)
+    for key, value in values.items():
+      out.setdefault(key, []).append(np.asarray(value, np.float32))
+  return {k: np.concatenate(out[k]) for k in RUN_MODEL_METRICS if k in out}
+
+
 def load_magicbrush_models(clip_model: str, dino_model: str) -> image_metrics.EvaluationModels:
   """The MagicBrush metric models: a transformers CLIPModel folder (or hub id) and a DINO ViT
   folder (or hub id). DINO's resize before the crop scales with the ViT's image size

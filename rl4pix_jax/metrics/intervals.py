@@ -55,6 +55,26 @@ def summarise(values, confidence: float = CONFIDENCE, num_resamples: int = NUM_R
           "n": n}
 
 
+def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE
+                    ) -> Tuple[float, float]:
+  """Wilson score interval of a binomial proportion ``successes / n`` (0/1 outcomes).
+
+  Unlike the bootstrap of ``summarise`` it needs only the count and the mean, so it also
+  serves logged means (a validation pass's ``val_success`` over its ``val_examples``), and it
+  stays inside [0, 1] and has non-zero width at 0 and n successes. (nan, nan) when n is 0.
+  """
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"wilson_interval: confidence={confidence} must be in (0, 1), e.g. 0.95.")
+  if n <= 0:
+    return math.nan, math.nan
+  from statistics import NormalDist  # pylint: disable=import-outside-toplevel
+  z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+  p = float(successes) / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _json_number(value: float) -> Optional[float]:
   return None if not math.isfinite(value) else float(value)
 

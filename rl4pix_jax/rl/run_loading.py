@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import ml_collections
 from absl import logging
@@ -70,13 +70,14 @@ class LoadedRun:
                           self.editor.resolution, self.editor.sampler_defaults)
 
 
-def load_run(workdir: str, step: Optional[int] = None,
+def load_run(workdir: str, step: Optional[Union[int, str]] = None,
              use_rl: Optional[bool] = None) -> LoadedRun:
   """Restores a run.
 
   Args:
     workdir: the run folder.
-    step: RL checkpoint epoch (default: the latest).
+    step: RL checkpoint epoch (default: the latest), or "best": the checkpoint of the best
+      validation success (``<workdir>/checkpoints_best``, ``rl/validation.py``).
     use_rl: True: the RL policy (error if no checkpoint); False: the run's starting editor
       (supervised or pretrained, no RL); None: the RL policy if a checkpoint exists, else the
       starting editor with a log line saying so.
@@ -88,6 +89,19 @@ def load_run(workdir: str, step: Optional[int] = None,
   config = read_run_config(workdir)
   epochs = checkpoint_epochs(workdir, config.train.get("keep_checkpoints", 1))
   checkpoints = layout.run_checkpoint_dir(workdir)
+  directory = None
+  if step == "best":
+    from rl4pix_jax.rl import validation  # pylint: disable=import-outside-toplevel
+    if use_rl is False:
+      raise RunLoadingError("--step=best names an RL checkpoint; leave out --no_rl.")
+    try:
+      step = validation.best_epoch(workdir, config)
+    except ValueError as e:
+      raise RunLoadingError(str(e)) from e
+    directory = checkpoints = layout.run_best_checkpoint_dir(workdir)
+    epochs = [step]
+  elif step is not None and not isinstance(step, int):
+    raise RunLoadingError(f"--step={step}: pass an RL checkpoint epoch (an integer) or 'best'.")
   if step is not None and step not in epochs:
     raise RunLoadingError(f"No RL checkpoint for --step={step} in {checkpoints!r}; it has "
                           f"epochs {epochs}.")
@@ -103,7 +117,7 @@ def load_run(workdir: str, step: Optional[int] = None,
     logging.warning("No RL checkpoint in %r: using the run's starting editor (supervised or "
                     "pretrained, no RL).", checkpoints)
   else:
-    unet, epoch = train_state.restore_policy(config, workdir, params.unet, step)
+    unet, epoch = train_state.restore_policy(config, workdir, params.unet, step, directory)
     params = pipeline.EditorParams(unet=unet, vae=params.vae, text_encoder=params.text_encoder)
     logging.info("Restored the RL policy of epoch %d from %r.", epoch, checkpoints)
   # A run of the embedded default's own tiny editor knows one image size (the supervised
@@ -117,7 +131,7 @@ def load_run(workdir: str, step: Optional[int] = None,
   return LoadedRun(config=config, setup=setup, editor=editor, epoch=epoch)
 
 
-def load_run_editor(workdir: str, step: Optional[int] = None,
+def load_run_editor(workdir: str, step: Optional[Union[int, str]] = None,
                     use_rl: Optional[bool] = None) -> editing.Editor:
   """The editor of ``load_run`` (same arguments)."""
   return load_run(workdir, step, use_rl).editor

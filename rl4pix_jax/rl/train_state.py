@@ -69,7 +69,8 @@ def place_policy(config: ml_collections.ConfigDict, initial_unet: Any, mesh: jax
 
 
 def restore_policy(config: ml_collections.ConfigDict, workdir: str, initial_unet_params: Any,
-                   epoch: Optional[int] = None) -> Tuple[Any, int]:
+                   epoch: Optional[int] = None, directory: Optional[str] = None
+                   ) -> Tuple[Any, int]:
   """(policy UNet params with LoRA merged, the epoch restored) of an RL checkpoint.
 
   Without ``epoch`` this is the newest readable checkpoint (an unreadable newer one is named
@@ -80,11 +81,13 @@ def restore_policy(config: ml_collections.ConfigDict, workdir: str, initial_unet
     workdir: the run folder.
     initial_unet_params: the UNet params the run started from (the frozen base).
     epoch: which checkpoint (default: the newest readable).
+    directory: the checkpoint folder (default ``<workdir>/checkpoints``; the best validated
+      one is ``layout.run_best_checkpoint_dir``).
   Raises:
     CheckpointError: no checkpoint, or not a readable one (one line).
   """
   state, frozen = ppo.init_train_state(jax.random.PRNGKey(0), initial_unet_params, config.ppo)
-  directory = layout.run_checkpoint_dir(workdir)
+  directory = directory or layout.run_checkpoint_dir(workdir)
   if not os.path.isdir(directory) and "://" not in directory:
     raise checkpointing.CheckpointError(
         f"No RL checkpoint in {directory!r}; run `python -m launch.train "

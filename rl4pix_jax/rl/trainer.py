@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from absl import logging
 import jax
@@ -33,6 +33,7 @@ from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.rewards import RewardInputs
 from rl4pix_jax.rl import advantages as advantages_lib
 from rl4pix_jax.rl import ppo
+from rl4pix_jax.rl import validation
 from rl4pix_jax.rl.batching import TrainingError, batch_arithmetic, repeat_prompts
 from rl4pix_jax.rl.compiled import compile_epoch_functions, sampler_config_from
 from rl4pix_jax.rl.run_setup import RLSetup
@@ -78,8 +79,8 @@ def _check_keys(arrays: Dict[str, Any]) -> tuple:
 
 def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
           data_iterator: Any, stop_after_epochs: Optional[int] = None,
-          on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None
-          ) -> List[dict]:
+          on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None,
+          validation_examples: Optional[Sequence[dict]] = None) -> List[dict]:
   """Runs (or resumes) the RL stage in ``workdir``.
 
   Args:
@@ -94,6 +95,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
     stop_after_epochs: stop (with a checkpoint) after this many epochs of this call, for
       tests and staged runs; None runs to ``train.num_epochs``.
     on_epoch_end: optional callback(epoch, metrics).
+    validation_examples: the examples of the validation passes (``validation.py``;
+      ``evaluation.decode_examples``); default: the first ``train.eval_examples`` of
+      ``train.eval_split`` of the run's dataset. Unused when ``train.eval_every`` is 0.
   Returns:
     The metrics of every epoch logged so far (from metrics.jsonl).
   """
@@ -148,6 +152,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
     tracker = advantages_lib.PerPromptStatTracker.from_state_dict(host["tracker"])
     data_iterator.set_state(host["data"])
 
+  # ---- validation during RL (validation.py): examples loaded before anything is written ---
+  validator = None
+  if validation.enabled(config):
+    validator = validation.Validator(
+        config, setup, validation_examples if validation_examples is not None
+        else validation.load_examples(config, workdir))
+  best = validation.Best.from_host(host, validation.best_metric(config.data.dataset))
+
   # ---- validated: from here on the run folder is written ---------------------------------
   os.makedirs(workdir, exist_ok=True)
   if is_main:
@@ -168,12 +180,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
     logging.info("Resumed from the checkpoint of epoch %d.", host["epoch"])
     if is_main:
       print(f"[rl4pix_jax] resumed after epoch {host['epoch']}", flush=True)
-  log = MetricsLog(workdir, resume_from=start_epoch, enabled=is_main)
+  # A fresh start drops every old line, the starting policy's validation (epoch -1) too.
+  log = MetricsLog(workdir, resume_from=start_epoch or validation.BEFORE_FIRST_EPOCH,
+                   enabled=is_main)
 
   # ---- compiled functions (compiled.py) --------------------------------------------------
   fns = compile_epoch_functions(config, setup, mesh, placed, sampler_config, guidance)
   step_config = fns.step_config
   reference_cache: Dict[int, np.ndarray] = {}
+
+  if validator is not None and start_epoch == 0:  # the starting policy: the curve's first point
+    record = validator.run(ppo.policy_params(state.params, frozen, config.ppo), 0)
+    best.start = record[validation.PREFIX + best.metric] if best.metric in validator.keys \
+        else None
+    log.write(validation.BEFORE_FIRST_EPOCH, record)
 
   # ---- the loop --------------------------------------------------------------------------
   end_epoch = config.train.num_epochs
@@ -289,6 +309,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
           "samples_per_s": sizes.samples_per_epoch / elapsed, "epoch_time_s": elapsed,
           "optimizer_steps": float(int(state.step)),
       }
+      new_best = False
+      if validator is not None and validator.due(epoch):  # the policy checkpoint `epoch` holds
+        record.update(validator.run(
+            ppo.policy_params(state.params, frozen, config.ppo),
+            validation.samples_seen(epoch + 1, sizes.samples_per_epoch)))
+        key = validation.PREFIX + best.metric
+        new_best = key in record and best.update(epoch, record[key])
       log.write(epoch, record)
       if is_main:
         progress.set_postfix(reward=f"{record['reward_mean']:.4f}",
@@ -299,22 +326,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
       if on_epoch_end is not None:
         on_epoch_end(epoch, record)
       last = epoch == end_epoch - 1
+      host_state = {
+          "epoch": epoch, "tracker": tracker.state_dict(), "data": data_iterator.get_state(),
+          "optimizer_steps": int(state.step), "seed": int(config.seed)}
+      if validator is not None:
+        host_state["validation"] = best.state_dict()
+        if new_best and validator.keep_best:
+          validation.save_best(workdir, epoch, state, host_state)
       if (epoch + 1) % config.train.checkpoint_every == 0 or last or preemption.requested:
-        checkpointer.save(epoch, state, {
-            "epoch": epoch, "tracker": tracker.state_dict(), "data": data_iterator.get_state(),
-            "optimizer_steps": int(state.step), "seed": int(config.seed)})
+        checkpointer.save(epoch, state, host_state)
       if preemption.requested:
         logging.warning("Stopped after epoch %d on SIGTERM; rerun the same command to resume.",
                         epoch)
         break
   progress.close()
   history = log.read()
-  if is_main and history:
+  epochs = [h for h in history if "reward_mean" in h]  # not the starting policy's validation
+  if is_main and epochs:
     curve = visualize.metric_curves(
-        {k: [h.get(k, math.nan) for h in history] for k in history[-1]
+        {k: [h.get(k, math.nan) for h in epochs] for k in epochs[-1]
          if k.startswith("reward_") and k != "reward_std"},
-        steps=[h["epoch"] for h in history], title="RL rewards per epoch (sampling policy)")
+        steps=[h["epoch"] for h in epochs], title="RL rewards per epoch (sampling policy)")
     curve.save(os.path.join(workdir, "reward_curve.png"))
+  if is_main and validator is not None:
+    validation.write_curve(workdir, history)
+    print(f"[rl4pix_jax] {validation.describe_best(best)}", flush=True)
   log.close()
   checkpointer.close()
   return history

@@ -24,6 +24,8 @@ MODEL_CONFIG_FILE = "model_config.json"
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "config.json"
 RUN_CHECKPOINTS = "checkpoints"
+# The RL checkpoint with the best validation success (train.keep_best), beside checkpoints/.
+RUN_BEST_CHECKPOINT = "checkpoints_best"
 # The supervised stages shipped with the repository (params only), relative to the repository
 # root: the working directory of every command, as for --config=configs/shapes.py.
 SHIPPED_EDITOR_DIR = os.path.join("assets", "shapes_editor")
@@ -61,6 +63,11 @@ def data_dir(config: ml_collections.ConfigDict, stages_root: str) -> str:
 def run_checkpoint_dir(workdir: str) -> str:
   """``<workdir>/checkpoints``: the RL run's Orbax checkpoints."""
   return os.path.join(workdir, RUN_CHECKPOINTS)
+
+
+def run_best_checkpoint_dir(workdir: str) -> str:
+  """``<workdir>/checkpoints_best``: the RL checkpoint of the best validation success."""
+  return os.path.join(workdir, RUN_BEST_CHECKPOINT)
 
 
 def run_config_path(workdir: str) -> str:

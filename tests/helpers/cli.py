@@ -23,4 +23,6 @@ def tiny_run_flags(num_epochs: int) -> List[str]:
       "--config.train.num_sample_batches=1",
       "--config.train.train_batch_size=2", "--config.train.checkpoint_every=1",
       "--config.data.num_threads=1",
+      # Validation (default eval_every): the start and the last epoch, on 2 edits.
+      "--config.train.eval_examples=2",
   ]

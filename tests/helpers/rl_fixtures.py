@@ -39,6 +39,7 @@ def tiny_rl_config(**overrides):
   config.train.checkpoint_every = 1
   config.train.image_every = 2
   config.ppo.stat_min_count = 2
+  config.train.eval_every = 0  # VALIDATED turns validation on, with tiny_validation_examples
   for key, value in overrides.items():
     section, field = key.split(".")
     config[section][field] = value
@@ -63,6 +64,16 @@ def tiny_records(count: int = 8, seed: int = 0):
           for i in range(count)]
 
 
+# Validation every 2 epochs of a 4-epoch run: the start, after epochs 1 and 3 (three passes).
+VALIDATED = {"train.eval_every": 2}
+
+
+def tiny_validation_examples(count: int = 3):
+  """Held-out scenes (another generator seed than ``tiny_records``) as evaluation examples."""
+  from rl4pix_jax import evaluation  # pylint: disable=import-outside-toplevel
+  return evaluation.decode_examples(tiny_records(count, seed=1), RESOLUTION)
+
+
 def tiny_data_iterator(config, tokenizer, records=None):
   return loader.make_edit_iterator(
       records if records is not None else tiny_records(), tokenizer,
@@ -80,7 +91,7 @@ def run_in_subprocess_main(argv):
 
   workdir, epochs = argv[1], int(argv[2])
   action, at = (argv[3].split("@") + [None])[:2] if len(argv) > 3 else (None, None)
-  config = tiny_rl_config(**{"train.num_epochs": epochs})
+  config = tiny_rl_config(**{"train.num_epochs": epochs, **VALIDATED})
   setup = tiny_rl_setup()
 
   def on_epoch_end(epoch, _):
@@ -88,7 +99,7 @@ def run_in_subprocess_main(argv):
       os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
 
   trainer.train(config, workdir, setup, tiny_data_iterator(config, setup.tokenizer),
-                on_epoch_end=on_epoch_end)
+                on_epoch_end=on_epoch_end, validation_examples=tiny_validation_examples())
 
 
 if __name__ == "__main__":

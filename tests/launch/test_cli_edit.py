@@ -4,6 +4,7 @@
 ``launch.train`` on a tiny random diffusers folder, once per pytest session.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -106,3 +107,22 @@ def test_run_loading_errors_and_fallback(tiny_run, tmp_path):
     run_loading.load_run(str(empty), use_rl=True)
   run = run_loading.load_run(str(empty))  # falls back to the starting editor
   assert run.epoch is None and run.editor.params is run.setup.params
+  # --step=best: the tiny run validated after its one epoch, so epoch 0 is the best ...
+  assert run_loading.load_run(str(workdir), step="best").epoch == 0
+  # ... and a run trained without validation says which flag keeps one.
+  unvalidated = tmp_path / "unvalidated"
+  unvalidated.mkdir()
+  config = json.loads((workdir / "config.json").read_text())
+  config["train"]["eval_every"] = 0
+  (unvalidated / "config.json").write_text(json.dumps(config))
+  with pytest.raises(run_loading.RunLoadingError, match="--config.train.eval_every=0"):
+    run_loading.load_run(str(unvalidated), step="best")
+
+
+def test_step_flag_takes_an_epoch_or_best():
+  from launch import cli  # pylint: disable=import-outside-toplevel
+  parser = cli._StepParser()  # pylint: disable=protected-access
+  assert parser.parse("best") == "best" and parser.parse("3") == 3 and parser.parse(None) is None
+  for bad in ("latest", "-1"):
+    with pytest.raises(ValueError, match="'best'"):
+      parser.parse(bad)

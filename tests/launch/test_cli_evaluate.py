@@ -38,6 +38,30 @@ def test_evaluate_cli_compares_rl_and_starting_editor_on_the_same_examples(tiny_
   assert (tmp_path / "eval" / "shapes_1.png").exists()
 
 
+def test_evaluate_step_best_reproduces_the_runs_validation(tiny_run, tmp_path):
+  """launch.evaluate --step=best on the run's validation subset and settings reports what the
+  run logged for that epoch (the same code scores both)."""
+  workdir, _ = tiny_run
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l]
+  logged = {l["epoch"]: l for l in lines if "val_samples_seen" in l}
+  assert sorted(logged) == [-1, 0] and (workdir / "validation_curve.png").exists()
+  prefix = tmp_path / "best"
+  done = run_cli("launch.evaluate", f"--workdir={workdir}", "--step=best", "--split=validation",
+                 "--max_examples=2", f"--output={prefix}", tmp=tmp_path)
+  assert done.returncode == 0, done.stderr[-3000:]
+  report = json.loads((tmp_path / "best.json").read_text())
+  assert report["rl_epoch"] == 0 and list(report["models"]) == ["RL epoch 0 (best validation)"]
+  summary = report["models"]["RL epoch 0 (best validation)"]["summary"]
+  for key in shapes_metrics.SHAPES_METRICS:
+    if summary[key]["mean"] is None:
+      assert not np.isfinite(logged[0][f"val_{key}"]), key
+    elif key in ("success", "edit_ok", "preserved_ok"):
+      assert summary[key]["mean"] == logged[0][f"val_{key}"], key
+    else:  # float32 metrics of the same pixels, summarised in another process
+      np.testing.assert_allclose(summary[key]["mean"], logged[0][f"val_{key}"], rtol=1e-5,
+                                 atol=1e-6, err_msg=key)
+
+
 def test_evaluate_cli_bad_flags(tiny_run, tmp_path):
   workdir, _ = tiny_run
   done = run_cli("launch.evaluate", f"--workdir={workdir}", "--dataset=magicbrush",

@@ -18,7 +18,7 @@ SMOKE = [
     "--config.sampler.num_steps=2",
     "--config.train.num_epochs=1", "--config.train.sample_batch_size=2", "--config.train.samples_per_prompt=1",
     "--config.train.num_sample_batches=1", "--config.train.train_batch_size=2",
-    "--config.data.num_threads=1",
+    "--config.data.num_threads=1", "--config.train.eval_examples=2",
 ]
 
 
@@ -63,7 +63,8 @@ def test_run_default_with_the_shipped_stages(tmp_path):
   env = cli_env(tmp_path)
   short_rl = ["--config.sampler.num_steps=2", "--config.train.num_epochs=1",
               "--config.train.sample_batch_size=2", "--config.train.samples_per_prompt=1", "--config.train.num_sample_batches=1",
-              "--config.train.train_batch_size=2", "--config.data.num_threads=1"]
+              "--config.train.train_batch_size=2", "--config.data.num_threads=1",
+              "--config.train.eval_examples=2"]
   command = [sys.executable, "-m", "launch.run_default", f"--workdir={workdir}",
              "--max_eval_examples=2", *short_rl]
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,

@@ -315,6 +315,20 @@ def test_summarise_interval():
     intervals.summarise(values, confidence=95)
 
 
+def test_wilson_interval_hand_values():
+  # 0 of n: [0, z^2 / (n + z^2)]; n of n mirrors it; 1.95996 = the 97.5% normal quantile.
+  z2 = 1.959963984540054 ** 2
+  low, high = intervals.wilson_interval(0, 64)
+  assert low == 0.0 and high == pytest.approx(z2 / (64 + z2), rel=1e-12)
+  assert intervals.wilson_interval(64, 64) == pytest.approx((1 - high, 1.0), rel=1e-12)
+  # 32 of 64: centred on 0.5, half width z sqrt(1/256 + z^2/16384) / (1 + z^2/64).
+  half = math.sqrt(z2) * math.sqrt(0.25 / 64 + z2 / (4 * 64 ** 2)) / (1 + z2 / 64)
+  assert intervals.wilson_interval(32, 64) == pytest.approx((0.5 - half, 0.5 + half), rel=1e-12)
+  assert all(math.isnan(x) for x in intervals.wilson_interval(0, 0))
+  with pytest.raises(ValueError, match="confidence"):
+    intervals.wilson_interval(1, 2, confidence=95)
+
+
 def test_metrics_report_json_and_markdown():
   per_example = {"l1": np.asarray([0.1, 0.2, 0.3]), "clip_t": np.asarray([np.nan, np.nan]),
                  "success": np.asarray([1.0, 1.0, 1.0])}

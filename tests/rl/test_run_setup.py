@@ -45,7 +45,7 @@ def test_train_cli_on_a_diffusers_folder_runs_and_resumes(pretrained, tmp_path):
   assert "resumed after epoch 0" in second.stdout
   with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
     epochs = [json.loads(line)["epoch"] for line in f]
-  assert epochs == [0, 1]
+  assert epochs == [-1, 0, 1]  # -1: the starting policy's validation, kept across the resume
   # The shapes dataset was built next to the run (stages_dir = the workdir's parent).
   assert os.path.isdir(tmp_path / "run" / "data" / "shapes_edit")
 

@@ -1,5 +1,6 @@
 """The RL loop: outputs, batch arithmetic, exact resume after SIGKILL, SIGTERM stop."""
 
+import functools
 import json
 import os
 import subprocess
@@ -13,13 +14,13 @@ import pytest
 from rl4pix_jax.data import loader
 from rl4pix_jax.rewards import RewardInputs, make_reward_fn
 from rl4pix_jax.rl import batching, compiled, ppo
-from rl4pix_jax.rl import trainer
+from rl4pix_jax.rl import trainer, validation
 from rl4pix_jax.workdir import checkpointer as checkpointing
 from tests.helpers import rl_fixtures
 from tests.helpers.paths import REPO_ROOT
 
 ROOT = REPO_ROOT
-TIMING_KEYS = ("epoch_time_s", "samples_per_s")
+TIMING_KEYS = ("epoch_time_s", "samples_per_s", "val_time_s")
 
 
 def _metrics(workdir):
@@ -46,17 +47,27 @@ def _subprocess(*args):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
+  """4 epochs, validated at the start and after epochs 1 and 3 (rl_fixtures.VALIDATED)."""
+  from rl4pix_jax import editing  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp("straight"))
-  config = rl_fixtures.tiny_rl_config()
+  config = rl_fixtures.tiny_rl_config(**rl_fixtures.VALIDATED)
   setup = rl_fixtures.tiny_rl_setup()
+  compiled_before = editing.edit_batch._cache_size()  # pylint: disable=protected-access
   history = trainer.train(config, workdir, setup,
-                          rl_fixtures.tiny_data_iterator(config, setup.tokenizer))
-  return workdir, config, setup, history
+                          rl_fixtures.tiny_data_iterator(config, setup.tokenizer),
+                          validation_examples=rl_fixtures.tiny_validation_examples())
+  compiled = editing.edit_batch._cache_size() - compiled_before  # pylint: disable=protected-access
+  return workdir, config, setup, history, compiled
+
+
+def _epochs(rows):
+  return [r["epoch"] for r in rows if "reward_mean" in r]
 
 
 def test_run_writes_metrics_checkpoints_and_pictures(straight_run):
-  workdir, config, _, history = straight_run
-  assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+  workdir, config, _, history, _ = straight_run
+  assert [h["epoch"] for h in history] == [-1, 0, 1, 2, 3]  # -1: the starting policy's pass
+  history = history[1:]
   for key in ("reward_mean", "reward_std", "reward_attention", "reward_clip", "loss",
               "approx_kl", "clipfrac", "grad_norm", "samples_per_s"):
     assert all(np.isfinite(h[key]) for h in history), key
@@ -64,7 +75,7 @@ def test_run_writes_metrics_checkpoints_and_pictures(straight_run):
   ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"))
   assert ckpt.all_epochs() == [1, 2, 3]  # keep_checkpoints = 3
   ckpt.close()
-  for name in ("config.json", "reward_curve.png", "samples/epoch_0000.png",
+  for name in ("config.json", "reward_curve.png", "validation_curve.png", "samples/epoch_0000.png",
                "samples/epoch_0002.png", "samples/epoch_0003.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -73,13 +84,18 @@ def test_run_writes_metrics_checkpoints_and_pictures(straight_run):
 
 
 def test_resume_after_sigkill_equals_straight_run(straight_run, tmp_path):
-  workdir, config, setup, _ = straight_run
+  """With validation on: the passes neither draw from nor move the training RNG or data
+  iterator, and the best checkpoint and its record survive the kill."""
+  workdir, config, setup, _, _ = straight_run
   killed = str(tmp_path / "killed")
   result = _subprocess(killed, 4, "kill@2")  # dies after epoch 2's work, before its checkpoint
   assert result.returncode == -9, result.stderr[-2000:]
-  assert [m["epoch"] for m in _metrics(killed)] == [0, 1, 2]
-  trainer.train(config, killed, setup, rl_fixtures.tiny_data_iterator(config, setup.tokenizer))
+  assert [m["epoch"] for m in _metrics(killed)] == [-1, 0, 1, 2]
+  assert validation.best_epochs(killed) == [1]  # saved after epoch 1's pass, before the kill
+  trainer.train(config, killed, setup, rl_fixtures.tiny_data_iterator(config, setup.tokenizer),
+                validation_examples=rl_fixtures.tiny_validation_examples())
   assert _metrics(killed) == _metrics(workdir)
+  assert validation.best_epochs(killed) == validation.best_epochs(workdir)
   resumed_state, resumed_host = _final_state(killed, setup, config)
   straight_state, straight_host = _final_state(workdir, setup, config)
   same = jax.tree_util.tree_map(np.array_equal, resumed_state, straight_state)
@@ -87,11 +103,86 @@ def test_resume_after_sigkill_equals_straight_run(straight_run, tmp_path):
   assert resumed_host == straight_host
 
 
+def test_validation_equals_an_evaluation_of_each_validated_policy(straight_run):
+  """Each pass's val_* equals evaluation.scoring on the same examples and sampler settings with
+  the policy that launch.evaluate --step=<epoch> restores (the starting UNet for epoch -1),
+  and one compiled editing function served all three passes."""
+  from rl4pix_jax import editing, pipeline  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.metrics import shapes_metrics  # pylint: disable=import-outside-toplevel
+  from rl4pix_jax.rl import train_state  # pylint: disable=import-outside-toplevel
+  workdir, config, setup, history, compiled = straight_run
+  assert compiled <= 1
+  rows = validation.validation_rows(history)
+  assert [r["epoch"] for r in rows] == [-1, 1, 3]
+  assert [r["val_samples_seen"] for r in rows] == [0, 8, 16]  # 4 samples per epoch
+  examples = rl_fixtures.tiny_validation_examples()
+  settings = scoring.SamplerSettings(
+      num_steps=config.sampler.num_steps, guidance_scale=config.sampler.guidance_scale,
+      image_guidance_scale=config.sampler.image_guidance_scale, eta=0.0, seed=0)
+  score = functools.partial(scoring.shapes_per_example, tokenizer=setup.tokenizer,
+                            clip_text=setup.clip_text_model, clip_vision=setup.clip_vision_model,
+                            clip_params=setup.clip_params)
+  keys = list(shapes_metrics.SHAPES_METRICS)
+  for row in (rows[0], rows[-1]):
+    unet = (setup.params.unet if row["epoch"] == -1 else
+            train_state.restore_policy(config, workdir, setup.params.unet, row["epoch"])[0])
+    editor = editing.Editor(
+        setup.models, pipeline.EditorParams(unet=unet, vae=setup.params.vae,
+                                            text_encoder=setup.params.text_encoder),
+        setup.tokenizer, max_object_tokens=config.data.max_object_tokens,
+        capture_size=config.sampler.capture_size, resolution=config.resolution)
+    result = scoring.evaluate("check", editor, examples, settings, score, keys)
+    assert row["val_examples"] == len(examples)
+    for key in keys:
+      values = np.asarray(result.per_example[key], np.float64)
+      values = values[np.isfinite(values)]  # as intervals.summarise averages them
+      expected = float(values.mean()) if values.size else float("nan")
+      if key in ("success", "edit_ok", "preserved_ok"):  # 0/1 outcomes of the shapes check
+        assert row[f"val_{key}"] == expected, (row["epoch"], key)
+      else:  # float32 metrics of the same pixels: equal up to rounding of the summary
+        np.testing.assert_allclose(row[f"val_{key}"], expected, rtol=1e-5, atol=1e-6,
+                                   equal_nan=True, err_msg=f"epoch {row['epoch']} {key}")
+
+
+def test_best_checkpoint_is_the_first_highest_validation_success(straight_run):
+  workdir, config, setup, history, _ = straight_run
+  rows = validation.validation_rows(history)
+  start, validated = rows[0], rows[1:]
+  values = [r["val_success"] for r in validated]
+  best_epoch = validated[int(np.argmax(values))]["epoch"]  # argmax: the first of equal maxima
+  assert validation.best_epochs(workdir) == [best_epoch]
+  state, _ = ppo.init_train_state(jax.random.PRNGKey(0), setup.params.unet, config.ppo)
+  best = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints_best"))
+  best_state, best_host = best.restore(state)
+  best.close()
+  assert best_host["epoch"] == best_epoch
+  assert best_host["validation"] == {"metric": "success", "epoch": best_epoch,
+                                     "value": max(values), "start": start["val_success"]}
+  _, final_host = _final_state(workdir, setup, config)
+  assert final_host["validation"] == best_host["validation"]  # every later checkpoint has it
+  regular = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"))
+  regular_state, _ = regular.restore(state, best_epoch)
+  regular.close()
+  same = jax.tree_util.tree_map(np.array_equal, best_state, regular_state)
+  assert all(jax.tree_util.tree_leaves(same))
+
+
+def test_best_keeps_the_earlier_epoch_on_ties_and_round_trips():
+  best = validation.Best(metric="success")
+  assert best.update(1, 0.25) and not best.update(3, 0.25)  # a tie keeps epoch 1
+  assert not best.update(4, float("nan")) and not best.update(5, 0.2)
+  assert best.update(7, 0.5) and (best.epoch, best.value) == (7, 0.5)
+  restored = validation.Best.from_host({"validation": best.state_dict()}, "success")
+  assert restored == best
+  assert validation.Best.from_host({"epoch": 2}, "success") == validation.Best("success")
+
+
 def test_sigterm_checkpoints_and_stops(tmp_path):
   workdir = str(tmp_path / "term")
   result = _subprocess(workdir, 4, "term@0")
   assert result.returncode == 0, result.stderr[-2000:]
-  assert [m["epoch"] for m in _metrics(workdir)] == [0]
+  assert _epochs(_metrics(workdir)) == [0]
   ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"))
   assert ckpt.all_epochs() == [0]
   ckpt.close()
