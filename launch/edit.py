@@ -135,7 +135,7 @@ def main(argv):  # pylint: disable=too-many-return-statements,too-many-locals
       config = run_loading.read_run_config(FLAGS.workdir)
       editor = run_loading.load_run_editor(FLAGS.workdir, FLAGS.step,
                                            use_rl=False if FLAGS.no_rl else None)
-      sampler = {k: config.sampler.get(k, v) for k, v in sampler.items()}
+      sampler = {k: config.sampler[k] for k in sampler}
     else:
       editor = run_loading.load_pretrained_editor(FLAGS.pretrained)
       # An exported run's sampler (rl4pix_sampler.json), as --workdir would use.

@@ -155,13 +155,15 @@ def run_evaluation(request: EvaluationRequest) -> Dict[str, str]:
     flag = (f"--workdir={request.workdir}" if request.workdir
             else f"--pretrained={request.pretrained}")
     raise EvaluationError(f"{flag}: {e}") from e
-  sampler = config.sampler if config else {}
+  # A run uses its own sampler; a pretrained folder InstructPix2Pix's (20 steps, 7.5 / 1.5).
+  sampler = config.sampler if config else {"num_steps": 20, "guidance_scale": 7.5,
+                                         "image_guidance_scale": 1.5}
   settings = SamplerSettings(
-      num_steps=request.steps or sampler.get("num_steps", 20),
+      num_steps=request.steps or sampler["num_steps"],
       guidance_scale=(request.guidance_scale if request.guidance_scale is not None
-                      else sampler.get("guidance_scale", 7.5)),
+                      else sampler["guidance_scale"]),
       image_guidance_scale=(request.image_guidance_scale if request.image_guidance_scale
-                            is not None else sampler.get("image_guidance_scale", 1.5)),
+                            is not None else sampler["image_guidance_scale"]),
       eta=request.eta, seed=request.seed, batch_size=request.batch_size)
   tokenizer = editors[0][1].tokenizer
   notes = []

@@ -86,7 +86,7 @@ def load_run(workdir: str, step: Optional[int] = None,
       newest readable one, with a warning).
   """
   config = read_run_config(workdir)
-  epochs = checkpoint_epochs(workdir, config.train.get("keep_checkpoints", 1))
+  epochs = checkpoint_epochs(workdir, config.train.keep_checkpoints)
   checkpoints = layout.run_checkpoint_dir(workdir)
   if step is not None and step not in epochs:
     raise RunLoadingError(f"No RL checkpoint for --step={step} in {checkpoints!r}; it has "
@@ -108,10 +108,10 @@ def load_run(workdir: str, step: Optional[int] = None,
     logging.info("Restored the RL policy of epoch %d from %r.", epoch, checkpoints)
   # A run of the embedded default's own tiny editor knows one image size (the supervised
   # stages' config.resolution); a pretrained (Stable Diffusion) editor edits any multiple.
-  resolution = None if config.model.get("pretrained") else config.resolution
+  resolution = None if config.model.pretrained else config.resolution
   editor = editing.Editor(setup.models, params, setup.tokenizer,
-                          max_object_tokens=config.data.get("max_object_tokens", 8),
-                          capture_size=config.sampler.get("capture_size") or None,
+                          max_object_tokens=config.data.max_object_tokens,
+                          capture_size=config.sampler.capture_size or None,
                           resolution=resolution)
   return LoadedRun(config=config, setup=setup, editor=editor, epoch=epoch)
 

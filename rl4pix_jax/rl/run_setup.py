@@ -52,7 +52,7 @@ def _reward_clip(config: ml_collections.ConfigDict):
   """(text model, vision model, params) of ``config.reward.clip_model``, or Nones."""
   if not config.reward.clip_weight:
     return None, None, None
-  source = config.reward.get("clip_model", "")
+  source = config.reward.clip_model
   if not source:
     raise ValueError("config.reward.clip_weight > 0 with a pretrained editor needs "
                      "--config.reward.clip_model=<transformers CLIPModel folder or hub id, "
@@ -63,8 +63,7 @@ def _reward_clip(config: ml_collections.ConfigDict):
 def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLSetup:
   """Builds the RL starting point described in the module docstring."""
   dtype = pipeline.compute_dtype(config.model.dtype)
-  # Optional key (None/absent: off): the UNet's chunked attention, e.g. 32 on CPU.
-  query_chunk = config.model.get("attention_query_chunk", None)
+  query_chunk = config.model.attention_query_chunk  # None: off
   if config.model.pretrained:
     models, params, tokenizer = pipeline.load_diffusers_editor(
         config.model.pretrained, dtype, config.model.remat, query_chunk)
@@ -120,5 +119,5 @@ def make_train_iterator(config: ml_collections.ConfigDict, workdir: str,
                         tokenizer: Any) -> loader_lib.EditBatchIterator:
   """The RL stage's iterator: shuffled, repeating, ``train.sample_batch_size /
   train.samples_per_prompt`` examples per call (the trainer repeats each example)."""
-  return make_iterator(config, workdir, tokenizer, config.data.get("split", "train"),
+  return make_iterator(config, workdir, tokenizer, config.data.split,
                        config.train.sample_batch_size // samples_per_prompt(config))

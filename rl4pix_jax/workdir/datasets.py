@@ -31,7 +31,7 @@ def ensure_dataset(config: ml_collections.ConfigDict, stages_root: str) -> str:
   if name == "shapes_edit":
     return _ensure_shapes_edit(config, root)
   if name == "magicbrush":
-    return loader.find_dataset_dir(root, name, config.data.get("config_name") or None)
+    return loader.find_dataset_dir(root, name, config.data.config_name or None)
   raise ValueError(f"config.data.dataset={name!r}: use 'shapes_edit' or 'magicbrush'.")
 
 

@@ -49,7 +49,7 @@ def stage_command(stage: str, workdir: str) -> str:
 
 def stages_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The stages root of an RL run in ``workdir``: config or the workdir's parent."""
-  configured = config.model.get("stages_dir", "")
+  configured = config.model.stages_dir
   return configured or os.path.dirname(os.path.abspath(workdir.rstrip("/")))
 
 
