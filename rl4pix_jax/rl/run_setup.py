@@ -73,9 +73,20 @@ def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLS
   from rl4pix_jax.pretrain import clip_training
   from rl4pix_jax.workdir import stages
   root = layout.stages_dir(config, workdir)
-  vae_params, vae_meta = stages.latest_stage_params(root, "vae")
-  clip_params, clip_meta = stages.latest_stage_params(root, "clip")
-  unet_params, unet_meta = stages.latest_stage_params(root, "unet")
+  try:
+    vae_params, vae_meta = stages.latest_stage_params(root, "vae")
+    clip_params, clip_meta = stages.latest_stage_params(root, "clip")
+    unet_params, unet_meta = stages.latest_stage_params(root, "unet")
+  except stages.StageNotFoundError as e:
+    where = ("--config.model.stages_dir" if not config.model.stages_dir else
+             f"model.stages_dir={config.model.stages_dir!r}")
+    raise stages.StageNotFoundError(
+        f"The run in {workdir!r} starts from the supervised stages in {root!r} ({where}; "
+        f"empty means the run folder's parent), but {e.folder!r} holds no {e.stage} checkpoint "
+        f"(looked for {layout.MODEL_CONFIG_FILE} and an Orbax step there). Put the stages "
+        "(vae/, clip/, unet/) there, or point model.stages_dir at the folder that holds them "
+        "(in the run's config.json, or --config.model.stages_dir for launch.train).",
+        e.stage, e.folder) from None
   text_model, vision_model = clip_training.make_clip(clip_meta["models"]["clip"])
   models = pipeline.build_models(
       UNetConfig.from_dict(dict(unet_meta["models"]["unet"])),

@@ -4,7 +4,9 @@
 ``launch.train`` on a tiny random diffusers folder, once per pytest session.
 """
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -106,3 +108,20 @@ def test_run_loading_errors_and_fallback(tiny_run, tmp_path):
     run_loading.load_run(str(empty), use_rl=True)
   run = run_loading.load_run(str(empty))  # falls back to the starting editor
   assert run.epoch is None and run.editor.params is run.setup.params
+
+
+def test_a_copied_run_folder_edits_from_its_new_place(tiny_run, images, tmp_path):
+  """`cp -r <run> elsewhere && launch.edit --workdir=elsewhere`: same pixels as the original."""
+  workdir, root = tiny_run
+  recorded = json.loads((workdir / "config.json").read_text())
+  assert recorded["model"]["pretrained"] == str(root / "ip2p")  # outside the run: absolute
+  assert recorded["data"]["data_dir"] == str(root / "run" / "data")
+  copy = tmp_path / "elsewhere" / "copy"
+  shutil.copytree(workdir, copy)
+  outputs = []
+  for folder, name in ((workdir, "original.png"), (copy, "copy.png")):
+    done = run_cli("launch.edit", *_edit_flags(folder, images / "a.png", tmp_path / name),
+                   tmp=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outputs.append(np.asarray(Image.open(tmp_path / name)))
+  np.testing.assert_array_equal(outputs[0], outputs[1])
