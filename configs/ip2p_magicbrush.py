@@ -29,6 +29,9 @@ Commands::
   python -m launch.evaluate --workdir=runs/ip2p_full --dataset=magicbrush ...
   python -m launch.export --workdir=runs/ip2p_full --output=exported/
 
+A gs:// workdir goes through ``rl4pix_jax/workdir/files.py`` and Orbax; a local
+``data.data_dir`` is the tested setup (docs/scaling_out.md, "Run folders", says what is checked).
+
 What to expect. One epoch = ``train.num_sample_batches x train.sample_batch_size`` = 64 edits
 (16 MagicBrush examples x 4 samples), 20 DDIM steps each under 3-way guidance, then one PPO pass
 in minibatches of 16. Memory per chip is NOT measured for this config (bfloat16, 256 px): the

@@ -44,8 +44,8 @@ def isdir(p: PathLike) -> bool:
 
 
 def makedirs(p: PathLike) -> None:
-  """Creates the folder and its parents (nothing to do on object stores but a marker-free
-  no-op; gcsfs accepts it)."""
+  """Creates the folder and its parents (on object stores folders are implicit: gcsfs makes
+  this a no-op for a path inside an existing bucket)."""
   path(p).mkdir(parents=True, exist_ok=True)
 
 
