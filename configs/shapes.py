@@ -57,6 +57,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "shapes_edit"
   c.data.data_dir = ""  # empty: <workdir>/../data when run from launch.run_default
+  c.data.split = "train"  # the split the RL stage samples its edits from
+  # the tfds builder config of the prepared data ("" = the only one there; magicbrush has
+  # "default" and "skip_bad", see launch.prepare_data)
+  c.data.config_name = ""
   c.data.train_size = 2000
   c.data.validation_size = 200
   c.data.test_size = 200

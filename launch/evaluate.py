@@ -79,8 +79,8 @@ def main(argv):
     paths = evaluation.run_evaluation(request)
   except evaluation.EvaluationError as e:
     return cli.fail(str(e))
-  with open(paths["markdown"], encoding="utf-8") as f:
-    print(f.read())
+  from rl4pix_jax.workdir import files  # pylint: disable=import-outside-toplevel
+  print(files.read_text(paths["markdown"]))
   print(f"Wrote {', '.join(paths.values())}")
   return 0
 

@@ -34,7 +34,7 @@ def main(argv):
     return cli.fail(str(e))
   base = folders.resolve_pretrained(config.model.pretrained) if config.model.pretrained else None
   export.export_pipeline(editor.models, editor.params, editor.tokenizer,
-                         config.model.get("scheduler", {}), FLAGS.output, base_folder=base,
+                         config.model.scheduler, FLAGS.output, base_folder=base,
                          sampler_config=config.sampler)
   logging.info("Wrote %s", FLAGS.output)
   print(f"Exported the editor of {FLAGS.workdir} to {FLAGS.output}")

@@ -2,7 +2,7 @@
 # Train rl4pix_jax on one host with all its GPUs as one ('data', 'fsdp') mesh (one process).
 #
 # Usage: launch/gpu/train_single_host.sh [extra flags for launch.train]
-#   e.g. launch/gpu/train_single_host.sh --config.mesh.fsdp=2 --config.train.lr=1e-5
+#   e.g. launch/gpu/train_single_host.sh --config.mesh.fsdp=2 --config.ppo.learning_rate=1e-5
 #
 # JAX needs its CUDA build, of the pinned version, after requirements.txt:
 #   pip install -r requirements.txt && pip install "jax[cuda12]==0.10.2"

@@ -5,7 +5,7 @@
 #   create   gcloud compute tpus tpu-vm create (one VM, or every host of a pod slice)
 #   setup    copy this repo to every worker, pip install requirements.txt, then jax[tpu]
 #   train    start `python -m launch.train` on all workers at once (detached); extra arguments
-#            after `train` are passed to launch.train, e.g. --config.train.lr=1e-5
+#            after `train` are passed to launch.train, e.g. --config.ppo.learning_rate=1e-5
 #   logs     stream the training log of worker LOG_WORKER (Ctrl-C stops following, not training)
 #   stop     stop the training process on all workers (the pid written by `train`)
 #   delete   delete the TPU VM (asks gcloud to confirm unless QUIET=1)

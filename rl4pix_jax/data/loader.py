@@ -34,10 +34,10 @@ batch. Bad records raise ``records.RecordError`` (naming record and field, then
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from etils import epath
 import grain
 import numpy as np
 
@@ -107,8 +107,10 @@ def find_dataset_dir(data_dir: str, name: str, config: Optional[str] = None) -> 
   Raises:
     ValueError: no prepared dataset, or several configs and none chosen (lists them).
   """
-  pattern = os.path.join(data_dir, name, config or "*", "*", "dataset_info.json")
-  found = sorted(os.path.dirname(p) for p in glob.glob(pattern))
+  # etils.epath: a local data_dir or gs:// (a dataset prepared into a bucket).
+  root = epath.Path(data_dir if "://" in data_dir else os.path.expanduser(data_dir))
+  pattern = f"{name}/{config or '*'}/*/dataset_info.json"
+  found = sorted(os.fspath(p.parent) for p in root.glob(pattern)) if root.exists() else []
   if not found:
     raise ValueError(f"No prepared {name!r} dataset under {data_dir!r} (config "
                      f"{config or 'any'}): run `python -m launch.prepare_data --dataset={name} "

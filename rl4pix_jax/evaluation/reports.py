@@ -13,6 +13,7 @@ from rl4pix_jax import visualize
 from rl4pix_jax.evaluation.examples import turn_key
 from rl4pix_jax.evaluation.scoring import EvaluationResult
 from rl4pix_jax.metrics import intervals
+from rl4pix_jax.workdir import files
 
 FIGURE_EXAMPLES = 8
 
@@ -42,7 +43,7 @@ def example_figure(examples: Sequence[dict], result: EvaluationResult, path: str
   captions = [f"{e['example_id']}: {e['instruction']}" for e in examples[:count]]
   grid = visualize.captioned_grid(rows, captions, ("input", "edit", "attention", "target"),
                                   cell=cell, title=result.name)
-  grid.save(path)
+  files.save_image(grid, path)
   return path
 
 
@@ -64,9 +65,9 @@ def comparison_figure(examples: Sequence[dict], results: Sequence[EvaluationResu
               if attention is not None else np.zeros_like(r.edited[i])]
     rows.append(row + [example["target"]])
   captions = [f"{e['example_id']}: {e['instruction']}" for e in examples[:count]]
-  visualize.captioned_grid(rows, captions, columns, cell=cell,
-                           title="   ".join(f"{i + 1}: {r.name}" for i, r in
-                                          enumerate(results))).save(path)
+  files.save_image(visualize.captioned_grid(
+      rows, captions, columns, cell=cell,
+      title="   ".join(f"{i + 1}: {r.name}" for i, r in enumerate(results))), path)
   return path
 
 
@@ -89,9 +90,8 @@ def save_edits(result: EvaluationResult, folder: str, multi_turn: bool,
   the paths in example order. The PNGs hold exactly the pixels that were scored."""
   paths = []
   for example_id, image in zip(result.example_ids, result.edited):
-    path = os.path.join(folder, edit_file_name(example_id, multi_turn, magicbrush_layout))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(np.asarray(image, np.uint8)).save(path)
+    path = files.join(folder, edit_file_name(example_id, multi_turn, magicbrush_layout))
+    files.save_image(Image.fromarray(np.asarray(image, np.uint8)), path)
     paths.append(path)
   return paths
 
@@ -114,9 +114,6 @@ def write_reports(results: Sequence[EvaluationResult], examples: Sequence[dict],
   part of the edits is scored (multi-turn), each model also has ``all_turns`` with every
   edit's id and values. Returns the paths.
   """
-  folder = os.path.dirname(output_prefix)
-  if folder:
-    os.makedirs(folder, exist_ok=True)
   report = dict(metadata)
   report["models"] = {}
   for r in results:
@@ -134,7 +131,7 @@ def write_reports(results: Sequence[EvaluationResult], examples: Sequence[dict],
     paths[f"figure_{i}"] = example_figure(examples, result, f"{output_prefix}_{i}.png",
                                           count=figure_examples)
     if save_edited:
-      edits = f"{output_prefix}_edits{os.sep}{i}"
+      edits = files.join(f"{output_prefix}_edits", str(i))
       report.setdefault("edits", {})[result.name] = {
           example_id: os.path.relpath(path, edits) for example_id, path in zip(
               result.example_ids, save_edits(result, edits, multi_turn, magicbrush_layout))}
@@ -143,13 +140,11 @@ def write_reports(results: Sequence[EvaluationResult], examples: Sequence[dict],
     paths["comparison"] = comparison_figure(examples, results,
                                             f"{output_prefix}_comparison.png",
                                             count=figure_examples)
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, allow_nan=False, default=str)
+  files.write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False, default=str))
   scored = len(results[0].scored_indices) if results else len(examples)
   count = (f"{scored} sessions, {len(examples)} edits" if multi_turn
            else f"{len(examples)} examples")
   title = f"{metadata.get('dataset', '')} {metadata.get('split', '')} " \
           f"({metadata.get('setting', '')}, {count})"
-  with open(paths["markdown"], "w", encoding="utf-8") as f:
-    f.write(markdown_table(results, keys, reference_rows, title, notes))
+  files.write_text(paths["markdown"], markdown_table(results, keys, reference_rows, title, notes))
   return paths

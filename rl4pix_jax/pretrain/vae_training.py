@@ -138,7 +138,7 @@ def train_vae(config, workdir: str) -> Dict[str, Any]:
   optimizer = training_loop.stage_optimizer(settings, settings["steps"])
   opt_state = optimizer.init(params)
   train_step = make_vae_train_step(model, optimizer, settings["kl_weight"],
-                                   settings.get("mse_weight", 0.0))
+                                   settings["mse_weight"])
   make_batch = lambda step: images[data_lib.batch_indices(
       config.seed, step, len(images), settings["batch_size"])]
   models = {"vae": model.config.to_diffusers()}

@@ -38,11 +38,11 @@ def attention_reward(inputs: RewardInputs, context: RewardContext) -> jnp.ndarra
   """-distance between the counted-step mean attention map and the target region, (B,)."""
   inputs.require("attention_maps", reward="attention")
   config = context.config
-  region = attention_region(inputs, config.get("attention_region", "mask"),
+  region = attention_region(inputs, config["attention_region"],
                             inputs.attention_maps.shape[-1])
   return attention.attention_map_reward(inputs.attention_maps, region,
-                                        config.get("attention_distance", "kl"),
-                                        config.get("attention_last_steps", 0))
+                                        config["attention_distance"],
+                                        config["attention_last_steps"])
 
 
 @register_reward("clip")
@@ -55,13 +55,13 @@ def clip_reward(inputs: RewardInputs, context: RewardContext) -> jnp.ndarray:
     raise ValueError("The clip reward needs clip_params={'text': ..., 'vision': ...}.")
   config = context.config
   text_field = {"caption": "caption_ids", "instruction": "input_ids"}.get(
-      config.get("clip_text", "caption"))
+      config["clip_text"])
   if text_field is None:
-    raise ValueError(f"clip_text={config.get('clip_text')!r} is unknown; expected one of "
+    raise ValueError(f"clip_text={config['clip_text']!r} is unknown; expected one of "
                      f"{CLIP_TEXTS}.")
   models = (context.clip_text_model, context.clip_vision_model,
             context.clip_params["text"], context.clip_params["vision"])
-  if config.get("clip_directional", False):
+  if config["clip_directional"]:
     inputs.require("edited_images", "source_images", "caption_ids", "source_caption_ids",
                    reward="clip (clip_directional=True)")
     return clip_score.clip_directional_similarity(

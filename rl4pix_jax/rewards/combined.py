@@ -42,9 +42,9 @@ def reward_weights(reward_config: Mapping[str, Any]) -> List[Tuple[str, float]]:
     ValueError: a bad weight, an extra named like a core term, or all weights 0.
     KeyError: an extra name that is not registered (the message lists the registered ones).
   """
-  terms = [("attention", _weight("attention", reward_config.get("attention_weight", 0.0))),
-           ("clip", _weight("clip", reward_config.get("clip_weight", 0.0)))]
-  extra = reward_config.get("extra", None) or {}
+  terms = [("attention", _weight("attention", reward_config["attention_weight"])),
+           ("clip", _weight("clip", reward_config["clip_weight"]))]
+  extra = reward_config["extra"] or {}
   for name in sorted(extra.keys()):
     if name in CORE_TERMS:
       raise ValueError(f"c.reward.extra names {name!r}; set c.reward.{name}_weight instead.")
@@ -59,24 +59,24 @@ def reward_weights(reward_config: Mapping[str, Any]) -> List[Tuple[str, float]]:
 
 def _check_options(reward_config: Mapping[str, Any], names: List[str]) -> None:
   if "attention" in names:
-    region = reward_config.get("attention_region", "mask")
+    region = reward_config["attention_region"]
     if region not in builtin.ATTENTION_REGIONS:
       raise ValueError(f"c.reward.attention_region={region!r} is unknown; expected one of "
                        f"{builtin.ATTENTION_REGIONS}.")
-    distance = reward_config.get("attention_distance", "kl")
+    distance = reward_config["attention_distance"]
     if distance not in attention.DISTANCES:
       raise ValueError(f"c.reward.attention_distance={distance!r} is unknown; expected one "
                        f"of {attention.DISTANCES}.")
-    last = reward_config.get("attention_last_steps", 0)
+    last = reward_config["attention_last_steps"]
     if not isinstance(last, int) or last < 0:
       raise ValueError(f"c.reward.attention_last_steps={last!r} must be an int >= 0 "
                        "(0 = all steps).")
   if "clip" in names:
-    text = reward_config.get("clip_text", "caption")
+    text = reward_config["clip_text"]
     if text not in builtin.CLIP_TEXTS:
       raise ValueError(f"c.reward.clip_text={text!r} is unknown; expected one of "
                        f"{builtin.CLIP_TEXTS}.")
-    if reward_config.get("clip_directional", False) and text != "caption":
+    if reward_config["clip_directional"] and text != "caption":
       raise ValueError("c.reward.clip_directional=True needs source and target captions: "
                        "set c.reward.clip_text='caption'.")
 
@@ -100,7 +100,7 @@ def make_reward_fn(reward_config: Mapping[str, Any],
   Raises:
     ValueError / KeyError / ImportError: a bad option, naming it and the accepted values.
   """
-  import_reward_modules(reward_config.get("modules", "") or "")
+  import_reward_modules(reward_config["modules"] or "")
   terms = reward_weights(reward_config)
   names = [name for name, _ in terms]
   _check_options(reward_config, names)

@@ -75,7 +75,7 @@ def batch_arithmetic(config: ml_collections.ConfigDict, batch_devices: int,
 
 def samples_per_prompt(config: ml_collections.ConfigDict) -> int:
   """``train.samples_per_prompt`` (1 when the config predates it)."""
-  return int(config.train.get("samples_per_prompt", 1))
+  return int(config.train.samples_per_prompt)
 
 
 def repeat_prompts(batch: Any, repeats: int) -> Any:

@@ -25,7 +25,7 @@ from rl4pix_jax.tokenizer import tokenize
 
 
 def sampler_config_from(config: ml_collections.ConfigDict) -> sampling.SamplerConfig:
-  capture = config.sampler.get("capture_size", None)
+  capture = config.sampler.capture_size
   return sampling.SamplerConfig(num_steps=config.sampler.num_steps, eta=config.sampler.eta,
                                 capture_size=capture if capture else None,
                                 record_attention=True)

@@ -57,6 +57,8 @@ ADVANTAGE_STDS = ("group", "global")
 class PPOConfig:
   """The PPO options (the ``ppo`` section of a config; hashable, static under jit).
 
+  The defaults are those of ``configs/shapes.py`` (tests/test_config_keys.py keeps them equal).
+
   Attributes:
     trainable: "lora" (adapters on the attention projections) or "full" (every UNet param).
     lora_rank: LoRA rank r.
@@ -90,19 +92,19 @@ class PPOConfig:
   lora_rank: int = 4
   lora_alpha: float = 4.0
   lora_target_regex: str = lora.DEFAULT_TARGET_REGEX
-  learning_rate: float = 3e-4
+  learning_rate: float = 3e-3
   adam_b1: float = 0.9
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
   weight_decay: float = 1e-4
   max_grad_norm: float = 1.0
-  clip_range: float = 1e-4
+  clip_range: float = 1e-2
   adv_clip_max: float = 5.0
-  num_inner_epochs: int = 1
+  num_inner_epochs: int = 2
   timestep_fraction: float = 1.0
   stat_buffer_size: int = 16
   stat_min_count: int = 4
-  attention_pathwise_weight: float = 0.0
+  attention_pathwise_weight: float = 0.1
   kl_weight: float = 0.0
   train_window_start: float = 0.0
   train_window_end: float = 1.0

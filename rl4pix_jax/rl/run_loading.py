@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Optional, Union
 
 import ml_collections
@@ -19,7 +18,7 @@ from rl4pix_jax import editing, export, pipeline
 from rl4pix_jax.rl import train_state
 from rl4pix_jax.rl.run_setup import RLSetup
 from rl4pix_jax.workdir import checkpointer as checkpointing
-from rl4pix_jax.workdir import layout
+from rl4pix_jax.workdir import files, layout
 
 
 
@@ -28,19 +27,20 @@ class RunLoadingError(ValueError):
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The ConfigDict saved by ``trainer.train`` in ``<workdir>/config.json``."""
+  """The ConfigDict saved by ``trainer.train`` in ``<workdir>/config.json``, its recorded
+  locations (stages, data, base model) resolved for where the folder is now."""
   path = layout.run_config_path(workdir)
-  if not os.path.isfile(path):
+  if not files.exists(path):
     raise RunLoadingError(f"No run config at {path!r}: --workdir must be a folder written by "
                           "`python -m launch.train` (it holds config.json and checkpoints/).")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return layout.resolve_run_config(ml_collections.ConfigDict(json.loads(files.read_text(path))),
+                                   workdir)
 
 
 def checkpoint_epochs(workdir: str, keep: int = 1) -> list:
   """Epochs with a complete RL checkpoint in ``<workdir>/checkpoints`` (sorted)."""
   directory = layout.run_checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not files.isdir(directory):
     return []
   checkpointer = checkpointing.RunCheckpointer(directory, keep=max(1, keep), read_only=True)
   epochs = checkpointer.all_epochs()
@@ -87,7 +87,7 @@ def load_run(workdir: str, step: Optional[Union[int, str]] = None,
       newest readable one, with a warning).
   """
   config = read_run_config(workdir)
-  epochs = checkpoint_epochs(workdir, config.train.get("keep_checkpoints", 1))
+  epochs = checkpoint_epochs(workdir, config.train.keep_checkpoints)
   checkpoints = layout.run_checkpoint_dir(workdir)
   directory = None
   if step == "best":
@@ -122,10 +122,10 @@ def load_run(workdir: str, step: Optional[Union[int, str]] = None,
     logging.info("Restored the RL policy of epoch %d from %r.", epoch, checkpoints)
   # A run of the embedded default's own tiny editor knows one image size (the supervised
   # stages' config.resolution); a pretrained (Stable Diffusion) editor edits any multiple.
-  resolution = None if config.model.get("pretrained") else config.resolution
+  resolution = None if config.model.pretrained else config.resolution
   editor = editing.Editor(setup.models, params, setup.tokenizer,
-                          max_object_tokens=config.data.get("max_object_tokens", 8),
-                          capture_size=config.sampler.get("capture_size") or None,
+                          max_object_tokens=config.data.max_object_tokens,
+                          capture_size=config.sampler.capture_size or None,
                           resolution=resolution,
                           sampler_defaults=export.sampler_settings(config.sampler))
   return LoadedRun(config=config, setup=setup, editor=editor, epoch=epoch)

@@ -56,7 +56,7 @@ def _reward_clip(config: ml_collections.ConfigDict):
   """(text model, vision model, params) of ``config.reward.clip_model``, or Nones."""
   if not config.reward.clip_weight:
     return None, None, None
-  source = config.reward.get("clip_model", "")
+  source = config.reward.clip_model
   if not source:
     raise ValueError("config.reward.clip_weight > 0 with a pretrained editor needs "
                      "--config.reward.clip_model=<transformers CLIPModel folder or hub id, "
@@ -67,8 +67,7 @@ def _reward_clip(config: ml_collections.ConfigDict):
 def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLSetup:
   """Builds the RL starting point described in the module docstring."""
   dtype = pipeline.compute_dtype(config.model.dtype)
-  # Optional key (None/absent: off): the UNet's chunked attention, e.g. 32 on CPU.
-  query_chunk = config.model.get("attention_query_chunk", None)
+  query_chunk = config.model.attention_query_chunk  # None: off
   if config.model.pretrained:
     models, params, tokenizer = pipeline.load_diffusers_editor(
         config.model.pretrained, dtype, config.model.remat, query_chunk)
@@ -78,9 +77,20 @@ def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLS
   from rl4pix_jax.pretrain import clip_training
   from rl4pix_jax.workdir import stages
   root = layout.stages_dir(config, workdir)
-  vae_params, vae_meta = stages.latest_stage_params(root, "vae")
-  clip_params, clip_meta = stages.latest_stage_params(root, "clip")
-  unet_params, unet_meta = stages.latest_stage_params(root, "unet")
+  try:
+    vae_params, vae_meta = stages.latest_stage_params(root, "vae")
+    clip_params, clip_meta = stages.latest_stage_params(root, "clip")
+    unet_params, unet_meta = stages.latest_stage_params(root, "unet")
+  except stages.StageNotFoundError as e:
+    where = ("--config.model.stages_dir" if not config.model.stages_dir else
+             f"model.stages_dir={config.model.stages_dir!r}")
+    raise stages.StageNotFoundError(
+        f"The run in {workdir!r} starts from the supervised stages in {root!r} ({where}; "
+        f"empty means the run folder's parent), but {e.folder!r} holds no {e.stage} checkpoint "
+        f"(looked for {layout.MODEL_CONFIG_FILE} and an Orbax step there). Put the stages "
+        "(vae/, clip/, unet/) there, or point model.stages_dir at the folder that holds them "
+        "(in the run's config.json, or --config.model.stages_dir for launch.train).",
+        e.stage, e.folder) from None
   text_model, vision_model = clip_training.make_clip(clip_meta["models"]["clip"])
   models = pipeline.build_models(
       UNetConfig.from_dict(dict(unet_meta["models"]["unet"])),
@@ -124,5 +134,5 @@ def make_train_iterator(config: ml_collections.ConfigDict, workdir: str,
                         tokenizer: Any) -> loader_lib.EditBatchIterator:
   """The RL stage's iterator: shuffled, repeating, ``train.sample_batch_size /
   train.samples_per_prompt`` examples per call (the trainer repeats each example)."""
-  return make_iterator(config, workdir, tokenizer, config.data.get("split", "train"),
+  return make_iterator(config, workdir, tokenizer, config.data.split,
                        config.train.sample_batch_size // samples_per_prompt(config))

@@ -50,7 +50,7 @@ def place_policy(config: ml_collections.ConfigDict, initial_unet: Any, mesh: jax
   placed by the sharding rules: large kernels split over 'fsdp', the rest replicated.
   """
   rules = parallel.default_sharding_rules(
-      int(config.mesh.get("fsdp_min_size", parallel.DEFAULT_FSDP_MIN_SIZE)))
+      int(config.mesh.fsdp_min_size))
   unet_shardings = parallel.param_shardings(initial_unet, mesh, rules)
   unet_params = parallel.shard_params(initial_unet, unet_shardings)
   init_key = replicate(jax.random.fold_in(base_key, 1), mesh)

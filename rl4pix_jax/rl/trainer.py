@@ -15,7 +15,6 @@ module is the epoch loop.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -39,7 +38,7 @@ from rl4pix_jax.rl.compiled import compile_epoch_functions, sampler_config_from
 from rl4pix_jax.rl.run_setup import RLSetup
 from rl4pix_jax.rl.train_state import place_policy
 from rl4pix_jax.workdir import checkpointer as checkpointing
-from rl4pix_jax.workdir import layout
+from rl4pix_jax.workdir import files, layout
 from rl4pix_jax.workdir.metrics_log import MetricsLog
 
 class _Preemption:
@@ -124,7 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
                                                 config.ppo.stat_min_count)
   start_epoch, host, unreadable = 0, None, []
   directory = layout.run_checkpoint_dir(workdir)
-  exists = "://" in directory or os.path.isdir(directory)
+  exists = files.isdir(directory)
   if jax.process_count() > 1:
     # One answer for every process, taken before any of them writes: otherwise a process that
     # looks after another created the folder opens a reader the others do not (and Orbax's
@@ -161,11 +160,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   best = validation.Best.from_host(host, validation.best_metric(config.data.dataset))
 
   # ---- validated: from here on the run folder is written ---------------------------------
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)  # local or gs:// (workdir.files)
   if is_main:
     print(f"[rl4pix_jax] {sizes.describe()}", flush=True)
-    with open(layout.run_config_path(workdir), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    # Where the stages, data and base model are, so the folder can be moved (layout.py).
+    files.write_text(layout.run_config_path(workdir), layout.portable_run_config(
+        config, workdir).to_json_best_effort(indent=2, sort_keys=True))
   checkpointer = checkpointing.RunCheckpointer(directory, keep=config.train.keep_checkpoints)
   if unreadable:
     if is_main:
@@ -321,8 +321,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
         progress.set_postfix(reward=f"{record['reward_mean']:.4f}",
                              kl=f"{record['approx_kl']:.2e}")
       if grid is not None:
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        grid.save(os.path.join(workdir, "samples", f"epoch_{epoch:04d}.png"))
+        files.save_image(grid, files.join(workdir, "samples", f"epoch_{epoch:04d}.png"))
       if on_epoch_end is not None:
         on_epoch_end(epoch, record)
       last = epoch == end_epoch - 1
@@ -347,7 +346,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
         {k: [h.get(k, math.nan) for h in epochs] for k in epochs[-1]
          if k.startswith("reward_") and k != "reward_std"},
         steps=[h["epoch"] for h in epochs], title="RL rewards per epoch (sampling policy)")
-    curve.save(os.path.join(workdir, "reward_curve.png"))
+    files.save_image(curve, files.join(workdir, "reward_curve.png"))
   if is_main and validator is not None:
     validation.write_curve(workdir, history)
     print(f"[rl4pix_jax] {validation.describe_best(best)}", flush=True)

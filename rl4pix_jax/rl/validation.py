@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -40,6 +39,7 @@ import ml_collections
 from rl4pix_jax import editing, pipeline, visualize
 from rl4pix_jax.metrics import shapes_metrics
 from rl4pix_jax.workdir import checkpointer as checkpointing
+from rl4pix_jax.workdir import files
 from rl4pix_jax.workdir import layout
 
 PREFIX = "val_"
@@ -55,7 +55,7 @@ class ValidationError(ValueError):
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
-  return int(config.train.get("eval_every", 0) or 0) > 0
+  return int(config.train.eval_every) > 0
 
 
 def best_metric(dataset: str) -> str:
@@ -114,10 +114,10 @@ def load_examples(config: ml_collections.ConfigDict, workdir: str) -> List[dict]
   # pylint: disable=import-outside-toplevel
   from rl4pix_jax import evaluation
   from rl4pix_jax.rl import run_setup
-  split = config.train.get("eval_split", "validation")
+  split = config.train.eval_split
   try:
     return evaluation.load_examples(run_setup.prepare_dataset(config, workdir), split,
-                                    config.resolution, config.train.get("eval_examples", 64))
+                                    config.resolution, config.train.eval_examples)
   except ValueError as e:
     raise ValidationError(f"--config.train.eval_split={split}: {e} Pass a split the dataset "
                           "has, or --config.train.eval_every=0 to train without "
@@ -164,8 +164,8 @@ class Validator:
       self.score = functools.partial(scoring.run_model_per_example, tokenizer=setup.tokenizer,
                                      batch_size=self.settings.batch_size, **clip)
     # launch.evaluate's editor (run_loading.load_run): same resolution rule and options.
-    self.resolution = None if config.model.get("pretrained") else config.resolution
-    self.keep_best = bool(config.train.get("keep_best", True)) and self.metric in self.keys
+    self.resolution = None if config.model.pretrained else config.resolution
+    self.keep_best = bool(config.train.keep_best) and self.metric in self.keys
 
   def due(self, epoch: int) -> bool:
     """Whether the policy after epoch ``epoch``'s update is validated."""
@@ -176,8 +176,8 @@ class Validator:
     return editing.Editor(
         self.setup.models, pipeline.EditorParams(unet=_host_arrays(unet_params), vae=params.vae,
                                                  text_encoder=params.text_encoder),
-        self.setup.tokenizer, max_object_tokens=self.config.data.get("max_object_tokens", 8),
-        capture_size=self.config.sampler.get("capture_size") or None,
+        self.setup.tokenizer, max_object_tokens=self.config.data.max_object_tokens,
+        capture_size=self.config.sampler.capture_size or None,
         resolution=self.resolution)
 
   def evaluate(self, unet_params: Any, name: str = "validation"):
@@ -239,7 +239,7 @@ def save_best(workdir: str, epoch: int, state: Any, host: dict) -> None:
 def best_epochs(workdir: str) -> List[int]:
   """The complete checkpoints in ``<workdir>/checkpoints_best`` (one after a run)."""
   directory = layout.run_best_checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not files.isdir(directory):
     return []
   checkpointer = checkpointing.RunCheckpointer(directory, keep=_KEEP_ALL, read_only=True)
   try:
@@ -259,10 +259,10 @@ def best_epoch(workdir: str, config: ml_collections.ConfigDict) -> int:
     return epochs[-1]
   if not enabled(config):
     raise ValueError(f"--step=best: {workdir} was trained without validation "
-                     f"(--config.train.eval_every={config.train.get('eval_every', 0)}); train "
+                     f"(--config.train.eval_every={config.train.eval_every}); train "
                      "with --config.train.eval_every=5 to keep the best checkpoint, or pass "
                      "--step=<epoch>.")
-  if not config.train.get("keep_best", True):
+  if not config.train.keep_best:
     raise ValueError(f"--step=best: {workdir} was trained with --config.train.keep_best=False, "
                      "so no best checkpoint was kept; pass --step=<epoch>.")
   raise ValueError(f"--step=best: {workdir} has no best checkpoint in "
@@ -286,10 +286,11 @@ def write_curve(workdir: str, history: Sequence[dict]) -> Optional[str]:
             if any(PREFIX + k in r for r in rows)}
   if not series:
     return None
-  path = os.path.join(workdir, CURVE_FILE)
-  visualize.metric_curves(series, steps=[r[PREFIX + "samples_seen"] for r in rows],
-                          title=f"Validation val_* ({int(rows[-1][PREFIX + 'examples'])} edits, "
-                          "eta 0)", x_label="samples seen", size=(800, 360)).save(path)
+  path = files.join(workdir, CURVE_FILE)
+  files.save_image(visualize.metric_curves(
+      series, steps=[r[PREFIX + "samples_seen"] for r in rows],
+      title=f"Validation val_* ({int(rows[-1][PREFIX + 'examples'])} edits, eta 0)",
+      x_label="samples seen", size=(800, 360)), path)
   return path
 
 

@@ -13,7 +13,7 @@ import ml_collections
 
 from rl4pix_jax.data import loader
 from rl4pix_jax.data import shapes_edit_builder
-from rl4pix_jax.workdir import layout
+from rl4pix_jax.workdir import files, layout
 
 
 def ensure_dataset(config: ml_collections.ConfigDict, stages_root: str) -> str:
@@ -31,7 +31,7 @@ def ensure_dataset(config: ml_collections.ConfigDict, stages_root: str) -> str:
   if name == "shapes_edit":
     return _ensure_shapes_edit(config, root)
   if name == "magicbrush":
-    return loader.find_dataset_dir(root, name, config.data.get("config_name") or None)
+    return loader.find_dataset_dir(root, name, config.data.config_name or None)
   raise ValueError(f"config.data.dataset={name!r}: use 'shapes_edit' or 'magicbrush'.")
 
 
@@ -43,6 +43,11 @@ def _ensure_shapes_edit(config: ml_collections.ConfigDict, data_dir: str) -> str
     return loader.find_dataset_dir(data_dir, "shapes_edit", name)
   except ValueError:
     pass
+  if files.is_remote(data_dir):
+    raise ValueError(
+        f"No shapes_edit {name} data in {data_dir!r}, and it is generated on local disk only: "
+        "pass --config.data.data_dir=<a local folder> (the run folder itself may stay on "
+        "gs://), or copy a prepared data folder there.")
   os.makedirs(data_dir, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=data_dir) as scratch:  # tfds leaves tmp folders
     previous = tempfile.tempdir

@@ -7,17 +7,21 @@ checkpoint covers) and by the supervised stages (keyed by ``step``, appended to 
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 from typing import Any, Dict, List, Optional
 
 import jax
 import numpy as np
 
-from rl4pix_jax.workdir import layout
+from rl4pix_jax.workdir import files, layout
 
 
 class MetricsLog:
   """``<folder>/metrics.jsonl`` (+ ``<folder>/tensorboard/``); writes nothing when disabled.
+
+  The folder may be local or ``gs://`` (``workdir.files``): metrics.jsonl is rewritten whole
+  on each write (object stores have no append), and TensorBoard events of a remote folder are
+  written to a local scratch folder and copied to ``<folder>/tensorboard/`` after each write.
 
   Args:
     folder: the run or stage folder.
@@ -32,19 +36,28 @@ class MetricsLog:
                step_key: str = "epoch", tensorboard: bool = True):
     self.enabled = enabled
     self.step_key = step_key
-    self.path = os.path.join(folder, layout.METRICS_FILE)
+    self.path = files.join(folder, layout.METRICS_FILE)
     self.writer = None
+    self._tensorboard = files.join(folder, "tensorboard")
+    self._scratch = None
     if not enabled:
       return
-    if resume_from is not None and os.path.exists(self.path):
-      with open(self.path, encoding="utf-8") as f:
-        kept = [line for line in f
-                if line.strip() and json.loads(line)[step_key] < resume_from]
-      with open(self.path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
+    self._lines = self._read_lines()
+    if resume_from is not None and self._lines:
+      self._lines = [line for line in self._lines if json.loads(line)[step_key] < resume_from]
+      files.write_text(self.path, "".join(self._lines))
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self.writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+      logdir = self._tensorboard
+      if files.is_remote(folder):
+        self._scratch = tempfile.TemporaryDirectory(prefix="rl4pix_tensorboard_")
+        logdir = self._scratch.name
+      self.writer = SummaryWriter(logdir)
+
+  def _read_lines(self) -> List[str]:
+    if not files.exists(self.path):
+      return []
+    return [line + "\n" for line in files.read_text(self.path).splitlines() if line.strip()]
 
   def write(self, step: int, metrics: Dict[str, Any]) -> None:
     """Appends ``{step_key: step, **metrics}`` (numpy/jax scalars as floats)."""
@@ -52,19 +65,28 @@ class MetricsLog:
       return
     record = {k: float(v) if isinstance(v, (np.generic, jax.Array)) else v
               for k, v in metrics.items()}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({self.step_key: step, **record}, sort_keys=True) + "\n")
+    self._lines.append(json.dumps({self.step_key: step, **record}, sort_keys=True) + "\n")
+    if files.is_remote(self.path):
+      files.write_text(self.path, "".join(self._lines))
+    else:  # local: append, as before (a stage log can be long)
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(self._lines[-1])
     if self.writer is not None:
       for name, value in record.items():
         self.writer.add_scalar(name, value, step)
       self.writer.flush()
+      if self._scratch is not None:
+        files.copy_tree_to(self._scratch.name, self._tensorboard)
 
   def read(self) -> List[dict]:
-    if not os.path.exists(self.path):
-      return []
-    with open(self.path, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
+    lines = self._read_lines()
+    return [json.loads(line) for line in lines]
 
   def close(self):
     if self.writer is not None:
       self.writer.close()
+      if self._scratch is not None:
+        files.copy_tree_to(self._scratch.name, self._tensorboard)
+        self._scratch.cleanup()
+        self._scratch = None
+        self.writer = None

@@ -23,13 +23,21 @@ final step is written) and stage-specific measurements (e.g. ``latent_std``).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from rl4pix_jax.workdir import files
 from rl4pix_jax.workdir.checkpointer import Checkpointer
 from rl4pix_jax.workdir.layout import MODEL_CONFIG_FILE, stage_command, stage_dir
+
+class StageNotFoundError(FileNotFoundError):
+  """A stage folder without a checkpoint; ``folder`` and ``stage`` say what was looked for."""
+
+  def __init__(self, message: str, stage: str, folder: str):
+    super().__init__(message)
+    self.stage, self.folder = stage, folder
+
 
 def checkpoint_manager(workdir: str, stage: str, max_to_keep: int = 2) -> Checkpointer:
   """The stage's checkpointer (creates the directory)."""
@@ -39,23 +47,18 @@ def checkpoint_manager(workdir: str, stage: str, max_to_keep: int = 2) -> Checkp
 
 def read_model_config(workdir: str, stage: str) -> Optional[Dict[str, Any]]:
   """The stage's model_config.json as a dict, or None when absent."""
-  path = os.path.join(stage_dir(workdir, stage), MODEL_CONFIG_FILE)
-  if not os.path.exists(path):
+  path = files.join(stage_dir(workdir, stage), MODEL_CONFIG_FILE)
+  if not files.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(files.read_text(path))
 
 
 def write_model_config(workdir: str, stage: str, models: Dict[str, Any],
                        metadata: Dict[str, Any]) -> str:
   """Writes model_config.json atomically; returns its path."""
-  folder = stage_dir(workdir, stage)
-  os.makedirs(folder, exist_ok=True)
-  path = os.path.join(folder, MODEL_CONFIG_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"stage": stage, "models": models, "metadata": metadata}, f, indent=2,
-              default=_json_default)
-  os.replace(path + ".tmp", path)
+  path = files.join(stage_dir(workdir, stage), MODEL_CONFIG_FILE)
+  files.write_text(path, json.dumps({"stage": stage, "models": models, "metadata": metadata},
+                                    indent=2, default=_json_default))
   return path
 
 
@@ -116,7 +119,8 @@ def latest_stage_params(workdir: str, stage: str) -> Tuple[Any, Dict[str, Any]]:
     ``(params, model_config)``: params as nested dicts of float32 jax arrays; model_config
     with keys ``stage``, ``models``, ``metadata`` (see the module docstring).
   Raises:
-    FileNotFoundError naming the folder and the command that creates it.
+    StageNotFoundError (a FileNotFoundError) naming the folder and the command that creates
+    it.
   """
   folder = stage_dir(workdir, stage)
   config = read_model_config(workdir, stage)
@@ -125,8 +129,8 @@ def latest_stage_params(workdir: str, stage: str) -> Tuple[Any, Dict[str, Any]]:
     manager = checkpoint_manager(workdir, stage)
     step = manager.latest_step()
   if config is None or step is None:
-    raise FileNotFoundError(f"No {stage} checkpoint in {folder!r}: run "
-                            f"`{stage_command(stage, workdir)}` first.")
+    raise StageNotFoundError(f"No {stage} checkpoint in {folder!r}: run "
+                             f"`{stage_command(stage, workdir)}` first.", stage, folder)
   restored = manager.restore_items(step, {"params": None})
   manager.close()
   return restored["params"], config

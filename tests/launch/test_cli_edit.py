@@ -6,6 +6,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -126,3 +127,20 @@ def test_step_flag_takes_an_epoch_or_best():
   for bad in ("latest", "-1"):
     with pytest.raises(ValueError, match="'best'"):
       parser.parse(bad)
+
+
+def test_a_copied_run_folder_edits_from_its_new_place(tiny_run, images, tmp_path):
+  """`cp -r <run> elsewhere && launch.edit --workdir=elsewhere`: same pixels as the original."""
+  workdir, root = tiny_run
+  recorded = json.loads((workdir / "config.json").read_text())
+  assert recorded["model"]["pretrained"] == str(root / "ip2p")  # outside the run: absolute
+  assert recorded["data"]["data_dir"] == str(root / "run" / "data")
+  copy = tmp_path / "elsewhere" / "copy"
+  shutil.copytree(workdir, copy)
+  outputs = []
+  for folder, name in ((workdir, "original.png"), (copy, "copy.png")):
+    done = run_cli("launch.edit", *_edit_flags(folder, images / "a.png", tmp_path / name),
+                   tmp=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outputs.append(np.asarray(Image.open(tmp_path / name)))
+  np.testing.assert_array_equal(outputs[0], outputs[1])

@@ -30,9 +30,11 @@ FRACTION = 0.5  # K = ceil(3 * 0.5) = 2 of the 3 steps per sample
 K = 2
 SAMPLER = sampling.SamplerConfig(num_steps=T, eta=1.0, record_attention=False)
 FULL = ppo.PPOConfig(trainable="full", clip_range=0.2, adv_clip_max=5.0,
-                     timestep_fraction=FRACTION)
+                     timestep_fraction=FRACTION, learning_rate=3e-4,
+                     attention_pathwise_weight=0.0)
 LORA = ppo.PPOConfig(trainable="lora", lora_rank=2, lora_alpha=2.0, clip_range=0.2,
-                     learning_rate=1e-2, timestep_fraction=FRACTION)
+                     learning_rate=1e-2, timestep_fraction=FRACTION,
+                     attention_pathwise_weight=0.0)
 SGD_LR = 1e-4
 
 
