@@ -3,6 +3,8 @@
 Every number of the run lives here and can be overridden on the command line, e.g.
 ``--config.ppo.clip_range=1e-4``. ``--config=configs/shapes.py:vae`` (or ``clip``, ``unet``,
 ``rl``) only records the stage in ``config.stage``; the launch scripts read it.
+``--config=configs/shapes.py:long`` is the RL stage with the longest recipe tried on 2 cores
+(``LONG_RECIPE`` below: about 1900 samples, under 60 minutes; see docs/rl_recipes.md).
 
 Model fields use the diffusers/transformers config names, so the same code builds these tiny
 models and real SD1.5/InstructPix2Pix ones (set ``model.pretrained`` to a diffusers folder).
@@ -11,9 +13,26 @@ models and real SD1.5/InstructPix2Pix ones (set ``model.pretrained`` to a diffus
 import ml_collections
 
 
+STAGES = ("vae", "clip", "unet", "rl")
+
+# configs/shapes.py:long, as --config.<path>=<value> overrides of the RL stage: the paper's
+# attention + CLIP reward with preservation, change_inside and the verifiable shapes_check,
+# a KL penalty, GRPO group advantages over 8 samples per prompt that skip groups without
+# reward spread, 60 epochs of 32 samples (docs/rl_recipes.md has what it gave).
+LONG_RECIPE = {
+    "reward.extra": {"preservation": 10.0, "change_inside": 1.0, "shapes_check": 1.0},
+    "ppo.kl_weight": 1.0, "ppo.advantage_mode": "group", "ppo.skip_zero_spread": True,
+    "train.samples_per_prompt": 8, "train.sample_batch_size": 32,
+    "train.train_batch_size": 16, "train.num_epochs": 60, "train.eval_every": 10,
+}
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  if arg and arg not in STAGES + ("long",):
+    raise ValueError(f"configs/shapes.py:{arg}: expected one of {STAGES + ('long',)} (or "
+                     "nothing, the rl stage).")
   c = ml_collections.ConfigDict()
-  c.stage = arg or "rl"
+  c.stage = "rl" if arg in ("", "long") else arg
   c.seed = 0
   # pixels; latents are resolution / 4 (8x8) with the VAE below. 32 rather than 64: on 2 CPU
   # cores the 64-pixel models cost ~4x more per step and the supervised stages did not fit
@@ -189,4 +208,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all remaining devices
   c.mesh.fsdp = 1
   c.mesh.fsdp_min_size = 2 ** 18  # kernels with fewer elements are replicated, not sharded
+  if arg == "long":
+    for path, value in LONG_RECIPE.items():
+      section, field = path.split(".")
+      c[section][field] = (ml_collections.ConfigDict(value) if isinstance(value, dict)
+                           else value)
   return c

@@ -54,3 +54,18 @@ def test_launch_scripts_default_config_exists(script):
     default = re.search(r'CONFIG="\$\{CONFIG:-([^}]+)\}"', f.read()).group(1)
   assert default == "configs/ip2p_magicbrush.py"
   assert ip2p_magicbrush.__file__.endswith(default)
+
+
+def test_shapes_long_is_the_rl_stage_with_the_long_recipe():
+  long, base = shapes.get_config("long"), shapes.get_config()
+  assert long.stage == base.stage == "rl"
+  for path, value in shapes.LONG_RECIPE.items():
+    section, field = path.split(".")
+    got = long[section][field]
+    assert (got.to_dict() if hasattr(got, "to_dict") else got) == value, path
+  changed = {f"{s}.{f}" for s in base.keys() if hasattr(base[s], "keys")
+             for f in base[s].keys() if long[s][f] != base[s][f]}
+  assert changed == set(shapes.LONG_RECIPE)  # nothing else differs
+  cv.validate_run_config(long)
+  with pytest.raises(ValueError, match="expected one of"):
+    shapes.get_config("lnog")
