@@ -137,7 +137,8 @@ def plan_variant(spec: dict, variant: Variant, batches: Sequence[int], num_steps
       lambda k: unet.init(k, jnp.zeros((1, side, side, config.in_channels)),
                           jnp.zeros((1,), jnp.int32), jnp.zeros((1, length, dim)))["params"],
       key)
-  ppo_config = ppo.PPOConfig(trainable=variant.trainable, attention_pathwise_weight=0.0)
+  ppo_config = ppo.PPOConfig(trainable=variant.trainable, attention_pathwise_weight=0.0,
+                              kl_weight=0.0)
   state, frozen = jax.eval_shape(lambda k, p: ppo.init_train_state(k, p, ppo_config), key,
                                  params)
   schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())

@@ -186,7 +186,8 @@ class Bench:
     self.schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())
     self.sampler_config = sampling.SamplerConfig(num_steps=FLAGS.steps, eta=1.0,
                                                  record_attention=False)
-    self.ppo_config = ppo.PPOConfig(trainable="full", attention_pathwise_weight=0.0)
+    self.ppo_config = ppo.PPOConfig(trainable="full", attention_pathwise_weight=0.0,
+                                     kl_weight=0.0)
     sample = jax.ShapeDtypeStruct((1, self.side, self.side, 8), jnp.float32)
     text = jax.ShapeDtypeStruct((1, self.spec["text_length"], self.dim), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)

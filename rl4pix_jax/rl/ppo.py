@@ -105,7 +105,7 @@ class PPOConfig:
   stat_buffer_size: int = 16
   stat_min_count: int = 4
   attention_pathwise_weight: float = 0.1
-  kl_weight: float = 0.0
+  kl_weight: float = 1.0
   train_window_start: float = 0.0
   train_window_end: float = 1.0
   advantage_mode: str = "per_prompt"

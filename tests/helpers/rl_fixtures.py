@@ -1,6 +1,7 @@
 """A tiny, fully random RL setup on 32x32 shapes edits, shared by trainer tests and subprocesses."""
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 
 from configs import shapes as shapes_config
@@ -39,6 +40,10 @@ def tiny_rl_config(**overrides):
   config.train.checkpoint_every = 1
   config.train.image_every = 2
   config.ppo.stat_min_count = 2
+  # The loop's mechanics: the paper's two reward terms, no KL reference forward (the default's
+  # extras and KL run in tests/launch/test_run_default.py and tests/rl/test_ppo.py).
+  config.reward.extra = ml_collections.ConfigDict()
+  config.ppo.kl_weight = 0.0
   config.train.eval_every = 0  # VALIDATED turns validation on, with tiny_validation_examples
   for key, value in overrides.items():
     section, field = key.split(".")

@@ -29,10 +29,11 @@ B, T, SIDE = 2, 3, 16
 FRACTION = 0.5  # K = ceil(3 * 0.5) = 2 of the 3 steps per sample
 K = 2
 SAMPLER = sampling.SamplerConfig(num_steps=T, eta=1.0, record_attention=False)
-FULL = ppo.PPOConfig(trainable="full", clip_range=0.2, adv_clip_max=5.0,
+FULL = ppo.PPOConfig(trainable="full", clip_range=0.2, adv_clip_max=5.0, kl_weight=0.0,
                      timestep_fraction=FRACTION, learning_rate=3e-4,
                      attention_pathwise_weight=0.0)
 LORA = ppo.PPOConfig(trainable="lora", lora_rank=2, lora_alpha=2.0, clip_range=0.2,
+                     kl_weight=0.0,
                      learning_rate=1e-2, timestep_fraction=FRACTION,
                      attention_pathwise_weight=0.0)
 SGD_LR = 1e-4
@@ -423,6 +424,7 @@ def test_pathwise_attention_gradient_matches_a_per_step_reference(setup):
   side = recording.attention_side(SIDE)
   weight = 0.5
   config = ppo.PPOConfig(trainable="full", clip_range=0.2, attention_pathwise_weight=weight,
+                         kl_weight=0.0,
                          timestep_fraction=K / T)
   tx = recording_sgd(1.0)
   step = ppo.make_train_step(unet, schedule, recording, config, optimizer=tx)
@@ -458,7 +460,7 @@ def test_pathwise_attention_gradient_matches_a_per_step_reference(setup):
 
 
 def test_pathwise_weight_needs_cotangents(setup):
-  config = ppo.PPOConfig(trainable="full", attention_pathwise_weight=1.0)
+  config = ppo.PPOConfig(trainable="full", attention_pathwise_weight=1.0, kl_weight=0.0)
   batch = setup["batch_with"]([1.0, 0.0])
   with pytest.raises(ValueError, match="needs PPOBatch.map_cotangents"):
     ppo.ppo_gradients(setup["unet"], setup["schedule"], SAMPLER, config,

@@ -36,6 +36,8 @@ def learning_config(data_dir: str, epochs: int, learning_rate=None, reward="pres
   config.data.train_size, config.data.validation_size, config.data.test_size = 4, 2, 2
   config.data.num_threads = 1
   config.reward.clip_weight = 0.0
+  config.ppo.kl_weight = 0.0  # the rewards' own learning, measured without the default's KL
+  config.reward.extra = ml_collections.ConfigDict()
   if reward == "preservation":
     config.reward.attention_weight = 0.0
     config.reward.extra = ml_collections.ConfigDict({"preservation": 1.0})
