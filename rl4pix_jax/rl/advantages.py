@@ -16,6 +16,20 @@ import numpy as np
 STD_EPSILON = 1e-6  # added to every std, as in DDPO
 
 
+def _checked(keys: Sequence[str], rewards: Any):
+  """(keys as str, rewards (N,) float64, finite mask, advantages all NaN) of a batch.
+
+  Raises:
+    ValueError: rewards is not 1-D, or its length differs from the number of keys.
+  """
+  rewards = np.asarray(rewards, np.float64)
+  keys = [str(k) for k in keys]
+  if rewards.ndim != 1 or rewards.shape[0] != len(keys):
+    raise ValueError(f"rewards of shape {rewards.shape} and {len(keys)} keys: expected one "
+                     "reward per key, as a 1-D array (gather all samples first).")
+  return keys, rewards, np.isfinite(rewards), np.full(rewards.shape, np.nan, np.float64)
+
+
 class _RingBuffer:
   """The last ``capacity`` float64 values pushed, oldest first in ``values()``."""
 
@@ -86,13 +100,7 @@ class PerPromptStatTracker:
     Raises:
       ValueError: rewards is not 1-D, or its length differs from the number of keys.
     """
-    rewards = np.asarray(rewards, np.float64)
-    keys = [str(k) for k in keys]
-    if rewards.ndim != 1 or rewards.shape[0] != len(keys):
-      raise ValueError(f"rewards of shape {rewards.shape} and {len(keys)} keys: expected "
-                       "one reward per key, as a 1-D array (gather all samples first).")
-    finite = np.isfinite(rewards)
-    advantages = np.full(rewards.shape, np.nan, np.float64)
+    keys, rewards, finite, advantages = _checked(keys, rewards)
     if not finite.any():
       return advantages.astype(np.float32)
     batch_mean = rewards[finite].mean()
@@ -164,13 +172,7 @@ def group_advantages(keys: Sequence[str], rewards: Any, std: str = "group",
   """
   if std not in ("group", "global"):
     raise ValueError(f"std={std!r}: expected 'group' or 'global'.")
-  rewards = np.asarray(rewards, np.float64)
-  keys = [str(k) for k in keys]
-  if rewards.ndim != 1 or rewards.shape[0] != len(keys):
-    raise ValueError(f"rewards of shape {rewards.shape} and {len(keys)} keys: expected one "
-                     "reward per key, as a 1-D array.")
-  finite = np.isfinite(rewards)
-  advantages = np.full(rewards.shape, np.nan, np.float64)
+  keys, rewards, finite, advantages = _checked(keys, rewards)
   if not finite.any():
     return advantages.astype(np.float32)
   global_std = rewards[finite].std() + STD_EPSILON
