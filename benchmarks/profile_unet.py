@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import host
 from benchmarks.configs import BENCHMARK_CONFIGS
 from rl4pix_jax.models import attention_ops, layers
 from rl4pix_jax.models import unet as unet_lib
@@ -307,6 +308,7 @@ def breakdown(setup: Setup) -> List[str]:
 def main(_):
   setup = Setup()
   import flax  # pylint: disable=import-outside-toplevel
+  print(host.describe())
   print(f"config={FLAGS.config} batch={FLAGS.batch} on {jax.devices()[0].device_kind} "
         f"(jax {jax.__version__}, flax {flax.__version__}), {os.cpu_count()} CPUs, "
         f"load {load_average()}")

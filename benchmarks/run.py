@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import configs
+from benchmarks import host
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.models import unet as unet_lib
@@ -474,6 +475,7 @@ class Bench:
 
 def main(_):
   bench = Bench(FLAGS.config)
+  print(host.describe())
   print(f"config={FLAGS.config} unet_params={bench.parameter_count() / 1e6:.1f}M "
         f"latents={bench.side}x{bench.side} T={FLAGS.steps} edits={FLAGS.edits} "
         f"ours={FLAGS.dtype} on {jax.devices()[0].device_kind} (jax {jax.__version__}) "

@@ -136,3 +136,18 @@ def test_attention_query_chunk_defaults_to_the_blocked_path_on_cpu_only():
   assert configs.attention_query_chunk(64, "gpu") == 64
   with pytest.raises(ValueError, match=">= 0"):
     configs.attention_query_chunk(-1, "cpu")
+
+
+def test_host_line_names_model_cores_and_isa_flags():
+  from benchmarks import host  # pylint: disable=import-outside-toplevel
+  text = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n"
+          "flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 avx512_fp16 amx_tile "
+          "amx_bf16\nprocessor\t: 1\nmodel name\t: other\n")
+  model, flags = host.parse_cpuinfo(text)
+  assert model == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+  assert flags == ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16",
+                   "amx_tile", "amx_bf16")
+  assert host.describe(text, cores=2) == (
+      "host: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz, 2 cores, ISA: avx2 fma avx512f "
+      "avx512bw avx512_bf16 avx512_fp16 amx_tile amx_bf16")
+  assert host.describe().startswith("host: ")  # this machine
