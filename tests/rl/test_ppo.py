@@ -496,7 +496,8 @@ def test_kl_penalty_gradient_matches_a_per_step_reference(setup):
   cond, guidance = setup["cond"], setup["guidance"]
   weight = 0.5
   config = ppo.PPOConfig(trainable="full", clip_range=0.2, timestep_fraction=0.5,
-                         kl_weight=weight, train_window_start=0.0, train_window_end=0.7)
+                         kl_weight=weight, train_window_start=0.0, train_window_end=0.7,
+                         attention_pathwise_weight=0.0)
   first, stop = ppo.train_window(T, 0.0, 0.7)  # (0, 3) -> K = 2 of the 3
   visited = ppo.num_trained_timesteps(stop - first, 0.5)
   tx = recording_sgd(SGD_LR)
@@ -544,7 +545,7 @@ def test_kl_penalty_gradient_matches_a_per_step_reference(setup):
 
 
 def test_kl_penalty_needs_the_reference(setup):
-  config = ppo.PPOConfig(trainable="full", kl_weight=0.1)
+  config = ppo.PPOConfig(trainable="full", kl_weight=0.1, attention_pathwise_weight=0.0)
   step = ppo.make_train_step(setup["unet"], setup["schedule"], SAMPLER, config)
   state = ppo.init_train_state(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray,
                                                                    setup["params"]), config)[0]
