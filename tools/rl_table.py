@@ -25,10 +25,16 @@ from rl4pix_jax.metrics import intervals
 METRICS = ("success", "edit_ok", "preserved_ok", "attention_mass_inside", "clip_t")
 PAIRED = ("success", "preserved_ok")
 
-_ROWS = flags.DEFINE_multi_string("row", [], "label=results.json#model (repeat).")
-_BASELINE = flags.DEFINE_string("baseline", None, "Label of the row the others are compared "
-                                "with (paired per example).")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the markdown table here (and print it).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs as a command, so that importing this
+  module next to a launch module, whose --output it would clash with, defines none)."""
+  flags.DEFINE_multi_string("row", [], "label=results.json#model (repeat).")
+  flags.DEFINE_string("baseline", None, "Label of the row the others are compared with "
+                      "(paired per example).")
+  flags.DEFINE_string("output", None, "Write the markdown table here (and print it).")
 
 
 class TableError(app.UsageError):
@@ -93,19 +99,20 @@ def markdown(rows: Sequence[Tuple[str, Mapping]], baseline: str = None) -> str:
 def main(argv: List[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _ROWS.value:
+  if not FLAGS.row:
     raise app.UsageError("Pass at least one --row=label=results.json#model.")
   rows = []
-  for spec in _ROWS.value:
+  for spec in FLAGS.row:
     label, path, model = parse_row(spec)
     rows.append((label, load_row(path, model)))
-  table = markdown(rows, _BASELINE.value)
+  table = markdown(rows, FLAGS.baseline)
   print(table, end="")
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+  if FLAGS.output:
+    with open(FLAGS.output, "w", encoding="utf-8") as f:
       f.write(table)
 
 
 if __name__ == "__main__":
   from launch import cli  # pylint: disable=import-outside-toplevel
+  define_flags()
   cli.run(main)

@@ -469,7 +469,7 @@ def test_reward_weights_order_and_zero_terms():
   assert rewards.reward_weights(config) == [("clip", 1.5), ("test_red_inside_mask", 0.25)]
   defaults = shapes_config.get_config().reward
   assert rewards.reward_weights(defaults) == [("attention", 1.0), ("clip", 1.0),
-                                              ("preservation", 10.0), ("change_inside", 1.0)]
+                                              ("change_inside", 1.0), ("preservation", 10.0)]
 
 
 def test_make_reward_fn_rejects_bad_configs(clip_models):

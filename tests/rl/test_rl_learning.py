@@ -37,6 +37,7 @@ def learning_config(data_dir: str, epochs: int, learning_rate=None, reward="pres
   config.data.num_threads = 1
   config.reward.clip_weight = 0.0
   config.ppo.kl_weight = 0.0  # the rewards' own learning, measured without the default's KL
+  config.train.eval_every = 0  # the training reward is the measure here
   config.reward.extra = ml_collections.ConfigDict()
   if reward == "preservation":
     config.reward.attention_weight = 0.0
