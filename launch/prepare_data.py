@@ -18,7 +18,6 @@ anything is written; a bad row stops the build with a line naming the file, row 
 from __future__ import annotations
 
 import os
-import tempfile
 
 from absl import app
 from absl import flags
@@ -179,27 +178,20 @@ def main(argv):
   before = _paths_under(data_dir, touched)
   # tfds leaves empty tmp*tfds folders in TMPDIR; keep them next to the data (for the build).
   scratch = os.path.join(data_dir, "tmp")
-  os.makedirs(scratch, exist_ok=True)
-  old_env, old_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
-  os.environ["TMPDIR"] = tempfile.tempdir = scratch
+  from rl4pix_jax.workdir import datasets  # pylint: disable=import-outside-toplevel
   try:
-    if _DATASET.value == "shapes_edit":
-      folder = prepare_shapes_edit(data_dir, _RESOLUTION.value, _TRAIN_SIZE.value,
-                                   _VALIDATION_SIZE.value, _TEST_SIZE.value, _SEED.value)
-    else:
-      folder = prepare_magicbrush(data_dir, os.path.expanduser(_MAGICBRUSH_DIR.value),
-                                  _SKIP_BAD.value, _DOWNLOAD.value)
+    with datasets.tmpdir_at(scratch):
+      if _DATASET.value == "shapes_edit":
+        folder = prepare_shapes_edit(data_dir, _RESOLUTION.value, _TRAIN_SIZE.value,
+                                     _VALIDATION_SIZE.value, _TEST_SIZE.value, _SEED.value)
+      else:
+        folder = prepare_magicbrush(data_dir, os.path.expanduser(_MAGICBRUSH_DIR.value),
+                                    _SKIP_BAD.value, _DOWNLOAD.value)
   except BaseException:
     remove_new_paths(data_dir, touched, before)  # a failed build leaves the folder as it was
     if made_data_dir and not os.listdir(data_dir):
       os.rmdir(data_dir)
     raise
-  finally:
-    tempfile.tempdir = old_tempdir
-    if old_env is None:
-      os.environ.pop("TMPDIR", None)
-    else:
-      os.environ["TMPDIR"] = old_env
   remove_empty_folders(scratch)
   print(f"Prepared {_DATASET.value} in {folder}")
 

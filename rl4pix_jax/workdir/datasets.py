@@ -6,14 +6,33 @@ offline; MagicBrush must have been prepared (``launch.prepare_data``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from typing import Iterator
 
 import ml_collections
 
 from rl4pix_jax.data import loader
 from rl4pix_jax.data import shapes_edit_builder
 from rl4pix_jax.workdir import files, layout
+
+
+@contextlib.contextmanager
+def tmpdir_at(folder: str) -> Iterator[None]:
+  """Points TMPDIR and ``tempfile.tempdir`` at ``folder`` (created) while the block runs, then
+  restores both: tfds leaves empty tmp*tfds folders in the temporary directory."""
+  os.makedirs(folder, exist_ok=True)
+  old_env, old_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+  os.environ["TMPDIR"] = tempfile.tempdir = str(folder)
+  try:
+    yield
+  finally:
+    tempfile.tempdir = old_tempdir
+    if old_env is None:
+      os.environ.pop("TMPDIR", None)
+    else:
+      os.environ["TMPDIR"] = old_env
 
 
 def ensure_dataset(config: ml_collections.ConfigDict, stages_root: str) -> str:

@@ -1,11 +1,9 @@
 """Tests for record validation, the object phrase extractor and the tfds builders (offline)."""
 
-import contextlib
 import io
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -22,24 +20,27 @@ from rl4pix_jax.data import records
 from rl4pix_jax.data import shapes
 from rl4pix_jax.data import shapes_check
 from rl4pix_jax.data import shapes_edit_builder
+from rl4pix_jax.workdir import datasets
 from tests.helpers.paths import REPO_ROOT
 
 
 
-@contextlib.contextmanager
-def tfds_tmpdir(folder):
-  """Points TMPDIR (where tfds leaves empty tmp*tfds folders) at ``folder``."""
-  os.makedirs(folder, exist_ok=True)
-  old_env, old_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
-  os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
-  try:
-    yield
-  finally:
-    tempfile.tempdir = old_tempdir
-    if old_env is None:
-      os.environ.pop("TMPDIR", None)
-    else:
-      os.environ["TMPDIR"] = old_env
+tfds_tmpdir = datasets.tmpdir_at  # where tfds leaves its empty tmp*tfds folders
+
+
+def test_tmpdir_at_points_both_and_restores(tmp_path, monkeypatch):
+  import tempfile  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("TMPDIR", "/somewhere")
+  before = tempfile.tempdir
+  with datasets.tmpdir_at(tmp_path / "scratch"):
+    assert os.environ["TMPDIR"] == tempfile.tempdir == str(tmp_path / "scratch")
+    assert (tmp_path / "scratch").is_dir()
+  assert os.environ["TMPDIR"] == "/somewhere" and tempfile.tempdir == before
+  monkeypatch.delenv("TMPDIR")
+  with pytest.raises(RuntimeError):
+    with datasets.tmpdir_at(tmp_path / "other"):
+      raise RuntimeError("restored on errors too")
+  assert "TMPDIR" not in os.environ and tempfile.tempdir == before
 
 
 def encoded(array, fmt="PNG", mode=None):
