@@ -39,6 +39,10 @@ _WEIGHTS = flags.DEFINE_enum("quick_check_weights", "ema", ["ema", "online"],
                              "With --quick_check: the stage's params (the EMA) or the online "
                              "weights of its newest checkpoint (needs its optimizer state).")
 
+_START_FROM = flags.DEFINE_string(
+    "start_from", "", "unet with pretrain.unet.restart_at > 0: a folder holding unet/ (e.g. "
+    "assets/shapes_editor) whose params continue the stage from its warm restart; the "
+    "restart keeps only those weights, so the result is the same recipe continued.")
 TRAINERS = {"vae": vae_training.train_vae, "clip": clip_training.train_clip,
             "unet": editor_training.train_editor}
 
@@ -52,6 +56,14 @@ def main(argv):
     raise app.UsageError(f"Stage {stage!r} is not a supervised stage; use one of "
                          f"{sorted(TRAINERS)} (--config=configs/shapes.py:vae or --stage=vae).")
   config_validation.validate_pretrain_config(config, stage)
+  if _START_FROM.value:
+    if stage != "unet":
+      raise app.UsageError(f"--start_from continues the unet stage, not {stage!r}.")
+    try:
+      step = editor_training.start_from_params(config, _WORKDIR.value, _START_FROM.value)
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(str(e)) from None
+    print(f"unet: starting at step {step} from the params in {_START_FROM.value}")
   TRAINERS[stage](config, _WORKDIR.value)
   if _QUICK_CHECK.value and stage == "unet":
     from rl4pix_jax.pretrain import editor_check

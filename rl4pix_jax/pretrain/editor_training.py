@@ -26,6 +26,14 @@ Weights: an exponential moving average of the online weights (decay ``ema_decay`
 as ``min(decay, (1 + n) / (10 + n))`` after n updates) is what the stage saves as its params
 and what edits, as InstructPix2Pix and SD sample from EMA weights; the online weights and
 AdamW moments live in the checkpoint's optimizer state, to resume.
+
+Warm restart (``restart_at`` > 0): at update ``restart_at`` the online weights are replaced
+by the EMA, the AdamW state is reset and a second warmup + cosine schedule of the remaining
+``steps - restart_at`` updates starts at ``restart_learning_rate`` (SGDR-style, Loshchilov &
+Hutter 2017, restarting from the averaged weights). The EMA and its update count carry on.
+Because the restart keeps only the EMA, a stage whose params are all that is left (a shipped
+stage) can be continued from there: ``start_from_params`` writes it as the checkpoint of
+step ``restart_at``.
 """
 
 from __future__ import annotations
@@ -290,6 +298,73 @@ def make_editor_train_step(unet, schedule, optimizer, empty_states, scaling_fact
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def restart_schedule(settings) -> Tuple[int, Dict[str, Any]]:
+  """``(restart_at, second-cycle settings)`` of the stage; restart_at 0 means no restart.
+
+  Raises:
+    ValueError: restart_at outside [0, steps) or a non-positive restart_learning_rate.
+  """
+  restart_at, steps = int(settings["restart_at"]), int(settings["steps"])
+  if restart_at and not 0 < restart_at < steps:
+    raise ValueError(f"pretrain.unet.restart_at={restart_at} must be 0 (no restart) or in "
+                     f"(0, steps={steps}).")
+  if restart_at and not float(settings["restart_learning_rate"]) > 0:
+    raise ValueError("pretrain.unet.restart_learning_rate must be > 0, got "
+                     f"{settings['restart_learning_rate']}.")
+  return restart_at, dict(settings, learning_rate=settings["restart_learning_rate"])
+
+
+def with_warm_restart(first_step, second_step, second_optimizer, restart_at: int):
+  """The stage's step function: ``first_step`` for updates < ``restart_at``, then the
+  restart (online := EMA copy, fresh ``second_optimizer`` state, update count kept) and
+  ``second_step``. Deterministic in the state, so a run resumed at ``restart_at`` restarts
+  the same way."""
+  if not restart_at:
+    return first_step
+
+  def step(ema_params, state, batch, key):
+    updates = int(state["updates"])
+    if updates < restart_at:
+      return first_step(ema_params, state, batch, key)
+    if updates == restart_at:
+      state = dict(initial_train_state(ema_params, second_optimizer), updates=state["updates"])
+    return second_step(ema_params, state, batch, key)
+
+  return step
+
+
+def start_from_params(config, workdir: str, params_dir: str) -> int:
+  """Writes ``params_dir``'s UNet params (e.g. a shipped stage: params only) as this
+  workdir's unet checkpoint of step ``pretrain.unet.restart_at``, where the warm restart
+  needs nothing else; returns that step.
+
+  Raises:
+    ValueError: no restart configured, or the workdir already has unet checkpoints.
+  """
+  settings = config.pretrain.unet
+  restart_at, _ = restart_schedule(settings)
+  if not restart_at:
+    raise ValueError("Starting from params needs a warm restart: set "
+                     "--config.pretrain.unet.restart_at (and steps beyond it).")
+  manager = ckpt.checkpoint_manager(workdir, "unet")
+  try:
+    if manager.latest_step() is not None:
+      raise ValueError(f"{ckpt.stage_dir(workdir, 'unet')!r} already has checkpoints "
+                       f"(step {manager.latest_step()}); rerun without --start_from to resume.")
+    params, source_config = ckpt.latest_stage_params(params_dir, "unet")
+    optimizer = training_loop.stage_optimizer(settings, restart_at)
+    state = dict(initial_train_state(params, optimizer),
+                 updates=jnp.asarray(restart_at, jnp.int32))
+    metadata = {"started_from": {"params_dir": params_dir,
+                                 "step": source_config["metadata"].get("step")},
+                "settings": dict(settings), "num_steps": int(settings["steps"])}
+    ckpt.save_stage(manager, workdir, "unet", restart_at, params, state,
+                    source_config["models"], metadata)
+  finally:
+    manager.close()
+  return restart_at
+
+
 def train_editor(config, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes, or skips) the UNet stage; returns its model_config.json dict."""
   stage = "unet"
@@ -309,14 +384,21 @@ def train_editor(config, workdir: str) -> Dict[str, Any]:
   params = unet.init(jax.random.PRNGKey(config.seed + 3),
                      jnp.zeros((1, side, side, unet.config.in_channels)),
                      jnp.zeros((1,), jnp.int32), jnp.asarray(encoded["text_states"][:1]))["params"]
-  optimizer = training_loop.stage_optimizer(settings, settings["steps"])
+  restart_at, second_settings = restart_schedule(settings)
+  optimizer = training_loop.stage_optimizer(settings, restart_at or settings["steps"])
   state = initial_train_state(params, optimizer)
   scheduler_config = dict(config.model.scheduler)
   schedule = ddim.DDIMSchedule.from_config(scheduler_config)
   rates = (settings["text_dropout"], settings["image_dropout"], settings["both_dropout"])
-  train_step = make_editor_train_step(unet, schedule, optimizer, empty_states,
-                                      encoders.scaling_factor, rates,
-                                      float(settings["ema_decay"]), float(settings["snr_gamma"]))
+  make_step = lambda opt: make_editor_train_step(
+      unet, schedule, opt, empty_states, encoders.scaling_factor, rates,
+      float(settings["ema_decay"]), float(settings["snr_gamma"]))
+  train_step = make_step(optimizer)
+  if restart_at:
+    second_optimizer = training_loop.stage_optimizer(second_settings,
+                                                     settings["steps"] - restart_at)
+    train_step = with_warm_restart(train_step, make_step(second_optimizer), second_optimizer,
+                                   restart_at)
   make_batch = lambda step: example_batch(encoded, data_lib.batch_indices(
       config.seed, step, count, settings["batch_size"]))
   models = {"unet": unet.config.to_diffusers(), "scheduler": scheduler_config}
