@@ -106,8 +106,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # an EMA of the weights (what is saved and edits), min-SNR-gamma loss weights (0 = off).
   # A warm restart at update restart_at (online weights := the EMA, fresh AdamW, a second
   # warmup + cosine to `steps` at restart_learning_rate; editor_training's docstring).
-  # ~130 min on one core (0.55 s a step). See docs/default_run.md for what each change bought.
-  c.pretrain.unet = dict(steps=14000, batch_size=32, learning_rate=1e-3, warmup_steps=200,
+  # ~105 min on one core (0.35 s a step). See docs/default_run.md for what each change bought.
+  c.pretrain.unet = dict(steps=17500, batch_size=32, learning_rate=1e-3, warmup_steps=200,
                          final_lr_fraction=0.05, log_every=100, checkpoint_every=500,
                          text_dropout=0.05, image_dropout=0.05, both_dropout=0.05,
                          train_examples=60000, ema_decay=0.999, snr_gamma=5.0,

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from tqdm import tqdm
 
 from rl4pix_jax import tokenizer as tokenizer_lib
@@ -301,13 +302,20 @@ def make_editor_train_step(unet, schedule, optimizer, empty_states, scaling_fact
 def restart_schedule(settings) -> Tuple[int, Dict[str, Any]]:
   """``(restart_at, second-cycle settings)`` of the stage; restart_at 0 means no restart.
 
+  A restart at or after the last step (e.g. a smoke run with ``steps=10``) is dropped with a
+  warning, as ``stage_optimizer`` shortens a warmup longer than half the stage.
+
   Raises:
-    ValueError: restart_at outside [0, steps) or a non-positive restart_learning_rate.
+    ValueError: a negative restart_at or a non-positive restart_learning_rate.
   """
   restart_at, steps = int(settings["restart_at"]), int(settings["steps"])
-  if restart_at and not 0 < restart_at < steps:
+  if restart_at < 0:
     raise ValueError(f"pretrain.unet.restart_at={restart_at} must be 0 (no restart) or in "
                      f"(0, steps={steps}).")
+  if restart_at >= steps:
+    logging.warning("pretrain.unet.restart_at=%d is not before steps=%d: no warm restart.",
+                    restart_at, steps)
+    restart_at = 0
   if restart_at and not float(settings["restart_learning_rate"]) > 0:
     raise ValueError("pretrain.unet.restart_learning_rate must be > 0, got "
                      f"{settings['restart_learning_rate']}.")

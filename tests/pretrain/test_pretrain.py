@@ -465,6 +465,89 @@ def test_repository_ships_stages_of_the_default_config():
   assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, expected)
 
 
+def restart_config(config, steps=4, restart_at=2):
+  c = tiny_config(steps=steps)
+  c.data.data_dir = config.data.data_dir
+  c.pretrain.unet.update(restart_at=restart_at, restart_learning_rate=3e-4)
+  return c
+
+
+def workdir_with_frozen_stages(source, workdir):
+  import shutil  # pylint: disable=import-outside-toplevel
+  for stage in ("vae", "clip"):
+    shutil.copytree(ckpt.stage_dir(source, stage), os.path.join(workdir, stage))
+  return str(workdir)
+
+
+def test_warm_restart_continued_from_params_equals_the_straight_run(trained_workdir, tmp_path):
+  """A stage with a restart at update 2 of 4, and the same stage started at the restart from
+  the first run's step-2 EMA params alone (what a shipped stage holds): bitwise the same
+  weights, because the restart keeps only the EMA and the update count."""
+  from rl4pix_jax.workdir.checkpointer import Checkpointer  # pylint: disable=import-outside-toplevel
+  base, source = trained_workdir
+  config = restart_config(base)
+  straight = workdir_with_frozen_stages(source, tmp_path / "straight")
+  editor_training.train_editor(config, straight)
+  assert metric_steps(straight, "unet") == [1, 2, 3, 4]
+  manager = ckpt.checkpoint_manager(straight, "unet")
+  at_restart = manager.restore_items(2, {"params": None})["params"]
+  manager.close()
+  shelf = str(tmp_path / "shelf")
+  with Checkpointer(layout.stage_dir(shelf, "unet"), keep=1) as m:
+    m.save_items(2, {"params": at_restart}, {"progress": {"step": 2}})
+  straight_config = ckpt.read_model_config(straight, "unet")
+  ckpt.write_model_config(shelf, "unet", straight_config["models"], {"step": 2, "num_steps": 2})
+
+  continued = workdir_with_frozen_stages(source, tmp_path / "continued")
+  assert editor_training.start_from_params(config, continued, shelf) == 2
+  assert not ckpt.stage_complete(continued, "unet")
+  editor_training.train_editor(config, continued)
+  assert ckpt.stage_complete(continued, "unet")
+  assert metric_steps(continued, "unet") == [3, 4]
+  ours, _ = ckpt.latest_stage_params(continued, "unet")
+  theirs, _ = ckpt.latest_stage_params(straight, "unet")
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+  # the restart did something: without it the same 4 updates end elsewhere
+  plain = workdir_with_frozen_stages(source, tmp_path / "plain")
+  editor_training.train_editor(restart_config(base, restart_at=0), plain)
+  other, _ = ckpt.latest_stage_params(plain, "unet")
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(other),
+                                                      jax.tree.leaves(theirs)))
+  with pytest.raises(ValueError, match="already has checkpoints"):
+    editor_training.start_from_params(config, continued, shelf)
+  with pytest.raises(ValueError, match="restart_at"):
+    editor_training.start_from_params(restart_config(base, restart_at=0), str(tmp_path / "x"),
+                                      shelf)
+
+
+def test_warm_restart_swaps_in_the_ema_and_a_fresh_optimizer():
+  """with_warm_restart by hand: before the restart the first step runs; at it the online
+  weights become the EMA, the optimizer state is the second optimizer's init, the count stays."""
+  first, second = optax.sgd(1.0), optax.adam(0.1)
+  calls = []
+
+  def recording(name):
+    def step(ema, state, batch, key):
+      calls.append((name, int(state["updates"]), float(state["online"]["w"])))
+      return ema, dict(state, updates=state["updates"] + 1), {}
+    return step
+
+  step = editor_training.with_warm_restart(recording("first"), recording("second"), second, 2)
+  ema = {"w": jnp.float32(5.0)}
+  state = dict(editor_training.initial_train_state({"w": jnp.float32(1.0)}, first),
+               updates=jnp.int32(1))
+  _, state, _ = step(ema, state, None, None)
+  _, state, _ = step(ema, state, None, None)
+  assert calls == [("first", 1, 1.0), ("second", 2, 5.0)]  # restart at update 2: online = EMA
+  assert jax.tree.structure(state["optimizer"]) == jax.tree.structure(second.init(ema))
+  plain = recording("first")
+  assert editor_training.with_warm_restart(plain, None, second, 0) is plain  # no restart
+  assert editor_training.restart_schedule(
+      dict(restart_at=5, steps=5, restart_learning_rate=1e-3))[0] == 0  # at the end: none
+  with pytest.raises(ValueError, match="restart_learning_rate"):
+    editor_training.restart_schedule(dict(restart_at=2, steps=5, restart_learning_rate=0.0))
+
+
 # --------------------------------------------------------------------------------------------
 # A SIGKILLed UNet stage, rerun, ends where a straight run ends (subprocesses: a real kill)
 # --------------------------------------------------------------------------------------------
