@@ -4,9 +4,9 @@ Edits the first 48 validation scenes with the shipped VAE, CLIP and UNet (DDIM e
 the config's guidance) and checks the programmatic success rate. Measured on the previous shipped
 UNet (7500 steps, AMD EPYC host): success 0.625 at seed 0; over sampling seeds 0-3 mean 0.583,
 std 0.045 (min 0.521); the current one (warm restart, 17500 steps) scores 0.646 at seed 0 (its
-seed spread was not measured). The bound 0.45 is the previous UNet's mean minus 3 std: host rounding can flip a few of
-48 edits (each is 0.021), not 6; the previous shipped UNet scores about 0.3 on these scenes, so
-a regression to it (or a broken sampler, decoder or text path) fails.
+seed spread was not measured). The bound 0.45 is the previous UNet's mean minus 3 std: host
+rounding can flip a few of 48 edits (each is 0.021), not 6; the UNet before those two scores
+about 0.3 on these scenes, so a regression to it (or a broken sampler, decoder or text path) fails.
 """
 
 from configs import shapes as shapes_config
