@@ -15,7 +15,6 @@ import sys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the test
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 from PIL import Image  # pylint: disable=wrong-import-position
@@ -29,9 +28,14 @@ gradio = pytest.importorskip("gradio", reason=SKIP_REASON)
 gradio_client = pytest.importorskip("gradio_client", reason=SKIP_REASON)
 
 # pylint: disable=wrong-import-position
+from configs import shapes as shapes_config
 from rl4pix_jax import demo, editing, pipeline, visualize
 from rl4pix_jax.data import shapes, shapes_check
-from tests.helpers import rl_fixtures
+from rl4pix_jax.models.clip import CLIPTextConfig
+from rl4pix_jax.models.unet import UNetConfig
+from rl4pix_jax.models.vae import VAEConfig
+from rl4pix_jax.tokenizer import load_clip_tokenizer
+from tests.helpers import rl_fixtures, tiny_models
 
 INSTRUCTION = "turn the red circle blue"
 SAMPLER = dict(num_steps=2, guidance_scale=7.5, image_guidance_scale=1.5)
@@ -39,18 +43,18 @@ SAMPLER = dict(num_steps=2, guidance_scale=7.5, image_guidance_scale=1.5)
 
 @pytest.fixture(scope="module")
 def editors():
-  setup = rl_fixtures.tiny_rl_setup()
-  leaves, treedef = jax.tree_util.tree_flatten(setup.params.unet)
-  keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-  rl_unet = jax.tree_util.tree_unflatten(
-      treedef, [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  make = lambda params: editing.Editor(setup.models, params, setup.tokenizer, capture_size=16,
-                                       resolution=rl_fixtures.RESOLUTION,
-                                       sampler_defaults=SAMPLER)
+  """The starting editor: rl_fixtures' tiny models with quick random weights; the RL editor:
+  the same with another random UNet."""
+  models = pipeline.build_models(
+      UNetConfig.from_diffusers(tiny_models.TINY_UNET), VAEConfig.from_diffusers(rl_fixtures.VAE),
+      CLIPTextConfig.from_transformers(rl_fixtures.TEXT, projection_dim=32),
+      shapes_config.get_config().model.scheduler)
+  params = tiny_models.quick_random_editor_params(models, rl_fixtures.RESOLUTION, seed=0)
+  rl_unet = tiny_models.quick_random_editor_params(models, rl_fixtures.RESOLUTION, seed=1).unet
+  make = lambda p: editing.Editor(models, p, load_clip_tokenizer(), capture_size=16,
+                                  resolution=rl_fixtures.RESOLUTION, sampler_defaults=SAMPLER)
   return demo.DemoEditors(
-      start=make(setup.params),
-      rl=make(pipeline.EditorParams(unet=rl_unet, vae=setup.params.vae,
-                                    text_encoder=setup.params.text_encoder)),
+      start=make(params), rl=make(params.replace(unet=rl_unet)),
       scenes=rl_fixtures.tiny_validation_examples(3), shapes_scenes=True,
       sampler=dict(SAMPLER), max_side=rl_fixtures.RESOLUTION)
 
@@ -105,8 +109,8 @@ def test_held_out_scene_is_picked_and_checked(client, editors):
   message = outputs[-1]
   assert "Programmatic check" in message
   example = shapes.example_from_record(scene["record"], scene["index"])
-  rows = [line for line in message.splitlines() if line.startswith("| ") and "editor |" not in
-          line]
+  rows = [line for line in message.splitlines()
+          if line.startswith("| ") and not line.startswith("| editor |")]
   assert len(rows) == 2
   for row, editor, edited in zip(rows, (editors.start, editors.rl), (outputs[0], outputs[2])):
     want = editor.edit([scene["source"]], [instruction], seed=0, max_side=32,
@@ -116,7 +120,7 @@ def test_held_out_scene_is_picked_and_checked(client, editors):
     assert ("**success**" in row) == bool(verdict["success"])
     assert f" {demo._format(verdict['outside_change'])} |" in row  # pylint: disable=protected-access
   # Another instruction on the scene's image: edited, but not checked.
-  other = _edit(client, image, "make it green", "", seed=0, scene=label)[-1]
+  other = _edit(client, image, "make it green", "green", seed=0, scene=label)[-1]
   assert "Programmatic check" not in other and "No programmatic check" in other
 
 
