@@ -188,11 +188,7 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
         f"sample_batch_size / samples_per_prompt examples); e.g. "
         f"{flag('train.sample_batch_size', max(repeats, batch - batch % repeats))}.")
 
-  use_wandb = _get(config, "logging.wandb")
-  if use_wandb is not _MISSING and use_wandb is not False:
-    if not isinstance(use_wandb, bool):
-      raise ConfigError(f"{flag('logging.wandb', use_wandb)}: must be True or False; e.g. "
-                        f"{flag('logging.wandb', True)}.")
+  if _get(config, "logging.wandb") is True:
     import importlib.util  # pylint: disable=import-outside-toplevel
     if importlib.util.find_spec("wandb") is None:
       raise ConfigError(f"{flag('logging.wandb', True)} needs the wandb package: pip install "

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import tempfile
 from typing import Any, Dict, Optional
 
@@ -48,6 +50,12 @@ def recorded_run_id(workdir: str) -> Optional[str]:
   return json.loads(files.read_text(path)).get("id")
 
 
+def new_run_id() -> str:
+  """8 random lowercase letters and digits (what wandb generates itself)."""
+  alphabet = string.ascii_lowercase + string.digits
+  return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
 class WandbLog:
   """One W&B run of a run folder.
 
@@ -73,7 +81,7 @@ class WandbLog:
     run_id = recorded_run_id(workdir) if resume else None
     self.resumed = run_id is not None
     if run_id is None:
-      run_id = wandb.util.generate_id()
+      run_id = new_run_id()
     self._scratch = None
     if files.is_remote(workdir):
       self._scratch = tempfile.TemporaryDirectory(prefix="rl4pix_wandb_")
@@ -87,15 +95,12 @@ class WandbLog:
         entity=logging_config.wandb_entity or None,
         name=name, id=run_id, resume="allow", dir=local_dir,
         config=config.to_dict(), settings=wandb.Settings(console="off"))
+    self.run_id = run_id
     self.run.define_metric(step_key)
     self.run.define_metric("*", step_metric=step_key)
     files.write_text(run_file(workdir), json.dumps(
         {"id": run_id, "project": logging_config.wandb_project,
          "entity": logging_config.wandb_entity, "name": name}, indent=2) + "\n")
-
-  @property
-  def run_id(self) -> str:
-    return self.run.id
 
   def log(self, step: int, record: Dict[str, Any]) -> None:
     """One metrics.jsonl record (floats, ints, strings)."""

@@ -28,13 +28,8 @@ gradio = pytest.importorskip("gradio", reason=SKIP_REASON)
 gradio_client = pytest.importorskip("gradio_client", reason=SKIP_REASON)
 
 # pylint: disable=wrong-import-position
-from configs import shapes as shapes_config
-from rl4pix_jax import demo, editing, pipeline, visualize
+from rl4pix_jax import demo, editing, visualize
 from rl4pix_jax.data import shapes, shapes_check
-from rl4pix_jax.models.clip import CLIPTextConfig
-from rl4pix_jax.models.unet import UNetConfig
-from rl4pix_jax.models.vae import VAEConfig
-from rl4pix_jax.tokenizer import load_clip_tokenizer
 from tests.helpers import rl_fixtures, tiny_models
 
 INSTRUCTION = "turn the red circle blue"
@@ -45,13 +40,10 @@ SAMPLER = dict(num_steps=2, guidance_scale=7.5, image_guidance_scale=1.5)
 def editors():
   """The starting editor: rl_fixtures' tiny models with quick random weights; the RL editor:
   the same with another random UNet."""
-  models = pipeline.build_models(
-      UNetConfig.from_diffusers(tiny_models.TINY_UNET), VAEConfig.from_diffusers(rl_fixtures.VAE),
-      CLIPTextConfig.from_transformers(rl_fixtures.TEXT, projection_dim=32),
-      shapes_config.get_config().model.scheduler)
-  params = tiny_models.quick_random_editor_params(models, rl_fixtures.RESOLUTION, seed=0)
+  setup = rl_fixtures.quick_tiny_rl_setup(seed=0)
+  models, params = setup.models, setup.params
   rl_unet = tiny_models.quick_random_editor_params(models, rl_fixtures.RESOLUTION, seed=1).unet
-  make = lambda p: editing.Editor(models, p, load_clip_tokenizer(), capture_size=16,
+  make = lambda p: editing.Editor(models, p, setup.tokenizer, capture_size=16,
                                   resolution=rl_fixtures.RESOLUTION, sampler_defaults=SAMPLER)
   return demo.DemoEditors(
       start=make(params), rl=make(params.replace(unet=rl_unet)),
