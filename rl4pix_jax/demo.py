@@ -318,11 +318,13 @@ def build_app(editors: DemoEditors, title: str = "rl4pix_jax: starting vs RL edi
     with gr.Row():
       with gr.Column(scale=1):
         scene = gr.Dropdown(labels, value=NO_SCENE, label="Held-out scene",
-                            visible=bool(editors.scenes))
+                            visible=bool(editors.scenes), elem_id="scene")
         image = UploadedImage(type="filepath", image_mode=None, format="png", label="Image",
-                              sources=["upload", "clipboard"], height=256)
-        instruction = gr.Textbox(label="Instruction", placeholder="turn the red circle blue")
-        phrase = gr.Textbox(label="Object phrase (optional)", placeholder="red circle")
+                              sources=["upload", "clipboard"], height=256, elem_id="image")
+        instruction = gr.Textbox(label="Instruction", placeholder="turn the red circle blue",
+                                 elem_id="instruction")
+        phrase = gr.Textbox(label="Object phrase (optional)", placeholder="red circle",
+                            elem_id="phrase")
         with gr.Accordion("Sampler", open=True):
           steps = gr.Slider(1, 100, value=int(sampler["num_steps"]), step=1, label="Steps")
           guidance = gr.Slider(0.0, 20.0, value=float(sampler["guidance_scale"]), step=0.1,
@@ -330,7 +332,7 @@ def build_app(editors: DemoEditors, title: str = "rl4pix_jax: starting vs RL edi
           image_guidance = gr.Slider(0.0, 10.0, value=float(sampler["image_guidance_scale"]),
                                      step=0.05, label="Image guidance")
           seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-        button = gr.Button("Edit", variant="primary")
+        button = gr.Button("Edit", variant="primary", elem_id="edit_button")
       with gr.Column(scale=2):
         gr.Markdown(f"**{html.escape(editors.start_name)}**")
         with gr.Row():
@@ -342,7 +344,7 @@ def build_app(editors: DemoEditors, title: str = "rl4pix_jax: starting vs RL edi
           rl_image = gr.Image(label="edit", type="numpy", format="png", interactive=False)
           rl_overlay = gr.Image(label="attention", type="numpy", format="png",
                                 interactive=False)
-        message = gr.Markdown()
+        message = gr.Markdown(elem_id="message")
     scene.change(pick_scene, [scene], [image, instruction, phrase], api_name="pick_scene")
     button.click(edit, [image, instruction, phrase, steps, guidance, image_guidance, seed,
                         scene], [start_image, start_overlay, rl_image, rl_overlay, message],
