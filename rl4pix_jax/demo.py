@@ -152,11 +152,17 @@ def _sampler_value(value, default, kind, name, minimum):
   return value
 
 
+def _compile_key(editor: editing.Editor, image: np.ndarray, sampler, phrase) -> tuple:
+  """What decides whether an edit compiles (``editing.edit_batch``'s static arguments and
+  shapes): editors sharing models share compiled functions."""
+  return (id(editor.models), image.shape, sampler["num_steps"], bool(phrase))
+
+
 def edit_one(editors: DemoEditors, editor: editing.Editor, image: np.ndarray,
              instruction: str, phrase: str, sampler: Dict[str, Any], seed: int,
              scene: Optional[dict]) -> EditOutcome:
   """One editor's edit of ``image`` as ``launch.edit`` does it (eta 0)."""
-  key = (id(editor), image.shape, sampler["num_steps"], bool(phrase))
+  key = _compile_key(editor, image, sampler, phrase)
   compiled = key not in editors._compiled  # pylint: disable=protected-access
   begin = time.perf_counter()
   try:
@@ -220,7 +226,7 @@ def edit_both(editors: DemoEditors, image: Any, instruction: str, phrase: str = 
     runs.append((editors.rl_name, editors.rl))
   outcomes = []
   for i, (name, editor) in enumerate(runs):
-    first = (id(editor), pixels.shape, sampler["num_steps"], bool(phrase)) not in \
+    first = _compile_key(editor, pixels, sampler, phrase) not in \
         editors._compiled  # pylint: disable=protected-access
     doing = ("compiling (the first edit of this size and step count), then editing"
              if first else "editing")

@@ -110,7 +110,8 @@ def test_held_out_scene_is_picked_and_checked(client, editors):
     np.testing.assert_array_equal(_pixels(edited), want)
     verdict = shapes_check.check_edit(want, example)
     assert ("**success**" in row) == bool(verdict["success"])
-    assert f" {demo._format(verdict['outside_change'])} |" in row  # pylint: disable=protected-access
+    outside = demo._format(verdict["outside_change"])  # pylint: disable=protected-access
+    assert f" {outside} |" in row
   # Another instruction on the scene's image: edited, but not checked.
   other = _edit(client, image, "make it green", "green", seed=0, scene=label)[-1]
   assert "Programmatic check" not in other and "No programmatic check" in other
