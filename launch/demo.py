@@ -111,7 +111,7 @@ def main(argv):
         f"held-out scenes; serving on http://{FLAGS.host}:{port} (Ctrl-C stops it)",
         flush=True)
   app.queue().launch(server_name=FLAGS.host, server_port=port, share=False,
-                     inbrowser=False, show_error=True)
+                     inbrowser=False, show_error=True, css=demo.PAGE_CSS)
   return 0
 
 

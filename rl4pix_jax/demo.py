@@ -32,6 +32,12 @@ from rl4pix_jax.tokenizer import quote, truncation
 CHECK_KEYS = ("success", "edit_ok", "preserved_ok", "object_iou", "before_iou",
               "removed_fraction", "outside_change")
 NO_SCENE = "(upload an image)"
+# Small editors' pictures (32 px) are drawn scaled up, pixels kept sharp; the pixels sent and
+# downloaded are the edit's own. Pass PAGE_CSS to ``launch(css=...)``.
+PIXELS = "rl4pix-pixels"
+OUTPUT_HEIGHT = 240
+PAGE_CSS = (f".{PIXELS} img, #image img {{ width: 100% !important; height: 100% !important; "
+            "object-fit: contain; image-rendering: pixelated; }")
 
 
 class DemoInputError(ValueError):
@@ -342,14 +348,16 @@ def build_app(editors: DemoEditors, title: str = "rl4pix_jax: starting vs RL edi
       with gr.Column(scale=2):
         gr.Markdown(f"**{html.escape(editors.start_name)}**")
         with gr.Row():
-          start_image = gr.Image(label="edit", type="numpy", format="png", interactive=False)
+          start_image = gr.Image(label="edit", type="numpy", format="png", interactive=False,
+                                 height=OUTPUT_HEIGHT, elem_classes=[PIXELS])
           start_overlay = gr.Image(label="attention", type="numpy", format="png",
-                                   interactive=False)
+                                   interactive=False, height=OUTPUT_HEIGHT, elem_classes=[PIXELS])
         gr.Markdown(f"**{html.escape(editors.rl_name if editors.rl else 'RL editor: none')}**")
         with gr.Row():
-          rl_image = gr.Image(label="edit", type="numpy", format="png", interactive=False)
+          rl_image = gr.Image(label="edit", type="numpy", format="png", interactive=False,
+                                 height=OUTPUT_HEIGHT, elem_classes=[PIXELS])
           rl_overlay = gr.Image(label="attention", type="numpy", format="png",
-                                interactive=False)
+                                interactive=False, height=OUTPUT_HEIGHT, elem_classes=[PIXELS])
         message = gr.Markdown(elem_id="message")
     scene.change(pick_scene, [scene], [image, instruction, phrase], api_name="pick_scene")
     button.click(edit, [image, instruction, phrase, steps, guidance, image_guidance, seed,

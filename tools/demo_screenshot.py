@@ -4,8 +4,8 @@ r"""A screenshot of the running demo page (``launch.demo``) after one edit, in h
     python -m tools.demo_screenshot --url=http://127.0.0.1:7861 --scene=0 --output=docs/demo.png
 
 Drives a real browser over the Chrome DevTools Protocol on a pipe (``--remote-debugging-pipe``:
-no extra Python package): opens the page, picks a held-out scene in the dropdown (typing its
-label, Enter), waits for the page to fill the image, instruction and object phrase, clicks Edit,
+no extra Python package): opens the page, picks a held-out scene in the dropdown (clicking its
+option), waits for the page to fill the image, instruction and object phrase, clicks Edit,
 waits for the edits and the verdict (the first edit compiles), and saves a full-page PNG.
 Chromium from the Debian package (``apt-get install chromium``) or ``--chromium``.
 """
@@ -28,15 +28,16 @@ class Browser:
     self._from_chrome, from_chrome_w = os.pipe()
     self._profile = tempfile.mkdtemp(prefix="rl4pix_chromium_")
 
-    def wire():
-      os.dup2(to_chrome_r, 3)
-      os.dup2(from_chrome_w, 4)
+    def wire():  # in the child: the pipe ends onto fds 3 and 4 (via copies: they may be 3/4)
+      into, out = os.dup(to_chrome_r), os.dup(from_chrome_w)
+      os.dup2(into, 3)
+      os.dup2(out, 4)
 
     self.process = subprocess.Popen(
         [binary, "--headless=new", "--remote-debugging-pipe", "--no-sandbox",
          "--disable-gpu", "--no-first-run", f"--user-data-dir={self._profile}",
          f"--window-size={width},{height}", "about:blank"],
-        pass_fds=(to_chrome_r, from_chrome_w), preexec_fn=wire,
+        pass_fds=(3, 4), preexec_fn=wire,  # kept open after wire() (close_fds runs last)
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(to_chrome_r)
     os.close(from_chrome_w)
@@ -85,10 +86,15 @@ class Browser:
       time.sleep(0.5)
     raise TimeoutError(f"waited {timeout:.0f} s for {what}")
 
-  def key(self, key: str, code: int) -> None:
-    for kind in ("keyDown", "keyUp"):
-      self.call("Input.dispatchKeyEvent", session=True, type=kind, key=key, code=key,
-                windowsVirtualKeyCode=code)
+  def click(self, selector: str) -> None:
+    """A real mouse click (press, release) at the middle of the element."""
+    box = self.evaluate(f"(() => {{ const e = document.querySelector(\"{selector}\"); "
+                        "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect(); "
+                        "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+      self.call("Input.dispatchMouseEvent", session=True, type=kind, x=box[0], y=box[1],
+                button="left", clickCount=1)
+    time.sleep(0.5)
 
   def close(self) -> None:
     self.process.kill()
@@ -108,18 +114,16 @@ def main():
   try:
     browser.call("Page.navigate", session=True, url=args.url)
     browser.wait_for("!!document.querySelector('#edit_button')", 120, "the page")
-    # The dropdown: focus its input, type the scene's label prefix, Enter picks the match.
-    browser.evaluate("(() => { const i = document.querySelector('#scene input'); i.focus(); "
-                     "i.click(); return true; })()")
-    time.sleep(1.0)
-    browser.call("Input.insertText", session=True, text=f"#{args.scene} ")
-    time.sleep(1.0)
-    browser.key("Enter", 13)
+    # The dropdown: click its input (the options open), then click the scene's option.
+    browser.click("#scene input")
+    option = f"li[role=option][aria-label^='#{args.scene} ']"
+    browser.wait_for(f"!!document.querySelector(\"{option}\")", 30, "the scene options")
+    browser.click(option)
     browser.wait_for("document.querySelector('#instruction textarea').value", 120,
                      "the scene to fill the instruction")
     browser.wait_for("!!document.querySelector('#image img')", 60, "the scene's image")
     time.sleep(1.0)
-    browser.evaluate("document.querySelector('#edit_button').click()")
+    browser.click("#edit_button")
     browser.wait_for("(() => { const t = document.querySelector('#message').innerText; "
                      "return t.includes('steps, guidance') || t.includes('Cannot edit'); })()",
                      args.timeout, "the edits")
