@@ -41,7 +41,8 @@ flags.DEFINE_integer("num_scenes", 16, "How many of the split's first scenes to 
 flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 7860, "Port to serve on (0: a free one).")
 
-INSTALL_HINT = "pip install -r requirements-demo.txt (see the README, 'Browser demo')"
+INSTALL_HINT = ("pip install -r requirements-demo.txt && pip install --no-deps gradio==6.31.0 "
+                "(see the README, 'Browser demo and Weights & Biases')")
 
 
 def load_demo_editors(workdir=None, step=None, pretrained=None, rl_pretrained=None,

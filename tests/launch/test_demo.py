@@ -23,7 +23,8 @@ from tests.helpers.cli import cli_env  # pylint: disable=wrong-import-position
 from tests.helpers.paths import REPO_ROOT  # pylint: disable=wrong-import-position
 
 SKIP_REASON = ("gradio / gradio_client are not installed: the browser demo is an optional "
-               "dependency (pip install -r requirements-demo.txt, see README 'Browser demo')")
+               "dependency (pip install -r requirements-demo.txt && pip install --no-deps "
+               "gradio==6.31.0; README, 'Browser demo and Weights & Biases')")
 gradio = pytest.importorskip("gradio", reason=SKIP_REASON)
 gradio_client = pytest.importorskip("gradio_client", reason=SKIP_REASON)
 
