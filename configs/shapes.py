@@ -212,6 +212,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # (ties: the earlier epoch), whatever keep_checkpoints deletes; `--step=best` loads it.
   c.train.keep_best = True
 
+  # ---- logging ------------------------------------------------------------------------------
+  # metrics.jsonl and TensorBoard (<workdir>/tensorboard/) are always written. wandb=True also
+  # logs every metric of metrics.jsonl, the sample grids and the reward / validation curves to
+  # Weights & Biases (pip install -r requirements-demo.txt; WANDB_MODE=offline works without a
+  # network). The run id is kept in <workdir>/wandb_run.json, so a resumed run continues its
+  # W&B run. Empty entity: wandb's default; empty run name: the workdir's name.
+  c.logging = ml_collections.ConfigDict()
+  c.logging.wandb = False
+  c.logging.wandb_project = "rl4pix_jax"
+  c.logging.wandb_entity = ""
+  c.logging.wandb_run_name = ""
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices
   c.mesh.fsdp = 1

@@ -188,6 +188,13 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
         f"sample_batch_size / samples_per_prompt examples); e.g. "
         f"{flag('train.sample_batch_size', max(repeats, batch - batch % repeats))}.")
 
+  if _get(config, "logging.wandb") is True:
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    if importlib.util.find_spec("wandb") is None:
+      raise ConfigError(f"{flag('logging.wandb', True)} needs the wandb package: pip install "
+                        "-r requirements-demo.txt (or leave W&B off: metrics.jsonl and "
+                        "TensorBoard are always written).")
+
   mesh_data = _get(config, "mesh.data")
   if mesh_data is not _MISSING and mesh_data != -1:
     check_int(config, "mesh.data", 1, example=-1)

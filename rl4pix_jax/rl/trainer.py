@@ -39,6 +39,7 @@ from rl4pix_jax.rl.run_setup import RLSetup
 from rl4pix_jax.rl.train_state import place_policy
 from rl4pix_jax.workdir import checkpointer as checkpointing
 from rl4pix_jax.workdir import files, layout
+from rl4pix_jax.workdir import wandb_log
 from rl4pix_jax.workdir.metrics_log import MetricsLog
 
 class _Preemption:
@@ -181,8 +182,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
     if is_main:
       print(f"[rl4pix_jax] resumed after epoch {host['epoch']}", flush=True)
   # A fresh start drops every old line, the starting policy's validation (epoch -1) too.
+  # W&B (config.logging.wandb): a resumed run continues the W&B run its folder recorded.
   log = MetricsLog(workdir, resume_from=start_epoch or validation.BEFORE_FIRST_EPOCH,
-                   enabled=is_main)
+                   enabled=is_main, wandb=wandb_log.from_config(
+                       config, workdir, resume=host is not None, enabled=is_main))
 
   # ---- compiled functions (compiled.py) --------------------------------------------------
   fns = compile_epoch_functions(config, setup, mesh, placed, sampler_config, guidance)
@@ -322,6 +325,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
                              kl=f"{record['approx_kl']:.2e}")
       if grid is not None:
         files.save_image(grid, files.join(workdir, "samples", f"epoch_{epoch:04d}.png"))
+        log.image("samples", epoch, grid)
       if on_epoch_end is not None:
         on_epoch_end(epoch, record)
       last = epoch == end_epoch - 1
@@ -347,8 +351,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
          if k.startswith("reward_") and k != "reward_std"},
         steps=[h["epoch"] for h in epochs], title="RL rewards per epoch (sampling policy)")
     files.save_image(curve, files.join(workdir, "reward_curve.png"))
+    log.image("reward_curve", epochs[-1]["epoch"], curve)
   if is_main and validator is not None:
-    validation.write_curve(workdir, history)
+    curve_path = validation.write_curve(workdir, history)
+    if curve_path is not None and log.wandb is not None:
+      log.image("validation_curve", history[-1]["epoch"], files.read_image(curve_path))
     print(f"[rl4pix_jax] {validation.describe_best(best)}", flush=True)
   log.close()
   checkpointer.close()

@@ -78,6 +78,14 @@ def save_image(image, p: PathLike, format: str = "PNG") -> None:  # pylint: disa
   write_bytes(p, buffer.getvalue())
 
 
+def read_image(p: PathLike):
+  """A PNG (or any PIL format) of a local path or URL, loaded as a PIL image."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with Image.open(io.BytesIO(path(p).read_bytes())) as image:
+    image.load()
+    return image.copy()
+
+
 def glob(pattern_root: PathLike, pattern: str) -> List[str]:
   """Paths under ``pattern_root`` matching the relative glob ``pattern``, sorted."""
   root = path(pattern_root)

@@ -1,7 +1,9 @@
-"""metrics.jsonl (one JSON line per logged step) and, for RL runs, TensorBoard scalars.
+"""metrics.jsonl (one JSON line per logged step), for RL runs TensorBoard scalars, and W&B.
 
 Used by the RL run (keyed by ``epoch``, TensorBoard on, truncated on resume to the epochs its
-checkpoint covers) and by the supervised stages (keyed by ``step``, appended to as is).
+checkpoint covers) and by the supervised stages (keyed by ``step``, appended to as is). An RL
+run with ``config.logging.wandb`` also sends every record and picture to Weights & Biases
+(``wandb_log.WandbLog``, passed in as ``wandb``).
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ class MetricsLog:
     enabled: False on every process but 0.
     step_key: the name of the step field ("epoch" for RL runs, "step" for stages).
     tensorboard: also write TensorBoard scalars.
+    wandb: a ``wandb_log.WandbLog`` that gets every record and picture too (closed with this
+      log), or None.
   """
 
   def __init__(self, folder: str, resume_from: Optional[int] = None, enabled: bool = True,
-               step_key: str = "epoch", tensorboard: bool = True):
+               step_key: str = "epoch", tensorboard: bool = True, wandb: Any = None):
     self.enabled = enabled
     self.step_key = step_key
+    self.wandb = wandb if enabled else None
     self.path = files.join(folder, layout.METRICS_FILE)
     self.writer = None
     self._tensorboard = files.join(folder, "tensorboard")
@@ -77,12 +82,22 @@ class MetricsLog:
       self.writer.flush()
       if self._scratch is not None:
         files.copy_tree_to(self._scratch.name, self._tensorboard)
+    if self.wandb is not None:
+      self.wandb.log(step, record)
+
+  def image(self, name: str, step: int, image: Any) -> None:
+    """A picture (sample grid, curve) for W&B; the caller saves its PNG in the folder."""
+    if self.wandb is not None:
+      self.wandb.image(name, step, image)
 
   def read(self) -> List[dict]:
     lines = self._read_lines()
     return [json.loads(line) for line in lines]
 
   def close(self):
+    if self.wandb is not None:
+      self.wandb.close()
+      self.wandb = None
     if self.writer is not None:
       self.writer.close()
       if self._scratch is not None:

@@ -64,6 +64,22 @@ def tiny_rl_setup(seed: int = 0) -> RLSetup:
                  clip_params={"text": params.text_encoder, "vision": vision_params})
 
 
+def quick_tiny_rl_setup(seed: int = 0) -> RLSetup:
+  """``tiny_rl_setup``'s models with ``tiny_models.quick_random_params`` weights: seconds
+  instead of flax's eager init (for tests of the loop's plumbing, not its numbers)."""
+  models = pipeline.build_models(
+      UNetConfig.from_diffusers(tiny_models.TINY_UNET), VAEConfig.from_diffusers(VAE),
+      CLIPTextConfig.from_transformers(TEXT, projection_dim=32),
+      shapes_config.get_config().model.scheduler)
+  params = tiny_models.quick_random_editor_params(models, RESOLUTION, seed)
+  vision = CLIPVisionModel(CLIPVisionConfig.from_transformers(VISION, projection_dim=32))
+  vision_params = tiny_models.quick_random_params(
+      lambda key: vision.init(key, jnp.zeros((1, 32, 32, 3)))["params"], seed + 1)
+  return RLSetup(models=models, params=params, tokenizer=load_clip_tokenizer(),
+                 clip_text_model=models.text_encoder, clip_vision_model=vision,
+                 clip_params={"text": params.text_encoder, "vision": vision_params})
+
+
 def tiny_records(count: int = 8, seed: int = 0):
   return [shapes.example_to_record(shapes.make_example(seed, i, RESOLUTION))
           for i in range(count)]

@@ -81,3 +81,29 @@ def save_tiny_clip_model(folder: str, seed: int = 0) -> None:
                          num_hidden_layers=1, num_attention_heads=2),
       projection_dim=16)
   transformers.CLIPModel(config).save_pretrained(folder)
+
+
+def quick_random_params(init, seed: int = 0):
+  """Random parameters shaped like ``init(key)``'s without running it (flax's eager ``init`` is
+  a forward pass per module, over a minute on a busy core): shapes from ``jax.eval_shape``,
+  kernels N(0, 1/fan_in), norm scales 1 + N(0, 0.05), the rest N(0, 0.05). For tests that
+  only need some fixed random model (the demo's editors, the W&B run)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if len(leaf.shape) >= 2:
+      values = rng.normal(0.0, 1.0 / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape)
+    else:
+      values = (1.0 if name == "scale" else 0.0) + rng.normal(0.0, 0.05, leaf.shape)
+    return jnp.asarray(values, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def quick_random_editor_params(models, image_side: int, seed: int = 0):
+  """``quick_random_params`` of ``pipeline.init_params(models, key, image_side)``."""
+  from rl4pix_jax import pipeline  # pylint: disable=import-outside-toplevel
+  return quick_random_params(lambda key: pipeline.init_params(models, key, image_side), seed)

@@ -1,6 +1,7 @@
 """The RL loop: outputs, batch arithmetic, exact resume after SIGKILL, SIGTERM stop."""
 
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,10 +17,11 @@ from rl4pix_jax.rewards import RewardInputs, make_reward_fn
 from rl4pix_jax.rl import batching, compiled, ppo
 from rl4pix_jax.rl import trainer, validation
 from rl4pix_jax.workdir import checkpointer as checkpointing
-from tests.helpers import rl_fixtures
+from tests.helpers import rl_fixtures, wandb_files
 from tests.helpers.paths import REPO_ROOT
 
 ROOT = REPO_ROOT
+HAS_WANDB = importlib.util.find_spec("wandb") is not None
 TIMING_KEYS = ("epoch_time_s", "samples_per_s", "val_time_s")
 
 
@@ -45,12 +47,21 @@ def _subprocess(*args):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def offline_wandb(tmp_path_factory):
+  """W&B (on in straight_run when installed) offline: no network."""
+  with pytest.MonkeyPatch.context() as patch:
+    wandb_files.set_offline(patch, tmp_path_factory.mktemp("wandb_home"))
+    yield
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-  """4 epochs, validated at the start and after epochs 1 and 3 (rl_fixtures.VALIDATED)."""
+  """4 epochs, validated at the start and after epochs 1 and 3 (rl_fixtures.VALIDATED); logged
+  to W&B (offline) too when wandb is installed."""
   from rl4pix_jax import editing  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp("straight"))
-  config = rl_fixtures.tiny_rl_config(**rl_fixtures.VALIDATED)
+  config = rl_fixtures.tiny_rl_config(**rl_fixtures.VALIDATED, **{"logging.wandb": HAS_WANDB})
   setup = rl_fixtures.tiny_rl_setup()
   compiled_before = editing.edit_batch._cache_size()  # pylint: disable=protected-access
   history = trainer.train(config, workdir, setup,
@@ -81,6 +92,22 @@ def test_run_writes_metrics_checkpoints_and_pictures(straight_run):
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   saved = json.load(open(os.path.join(workdir, "config.json"), encoding="utf-8"))
   assert saved["ppo"]["clip_range"] == config.ppo.clip_range
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (optional: pip install -r "
+                    "requirements-demo.txt)")
+def test_wandb_offline_run_holds_every_metric_and_picture(straight_run):
+  """config.logging.wandb: every metrics.jsonl value, the sample grids and both curves."""
+  workdir, _, _, history, _ = straight_run
+  (run,) = wandb_files.offline_runs(workdir)
+  assert run.endswith("-" + json.load(open(os.path.join(workdir, "wandb_run.json"),
+                                            encoding="utf-8"))["id"])
+  rows = wandb_files.read_history(wandb_files.run_file(run))
+  wandb_files.assert_logged(history, rows)
+  assert [r["epoch"] for r in wandb_files.images(rows, "samples")] == [0, 2, 3]
+  for name in ("samples", "reward_curve", "validation_curve"):
+    image = wandb_files.images(rows, name)[-1]
+    assert os.path.getsize(os.path.join(run, "files", image[f"{name}/path"])) > 0, name
 
 
 def test_resume_after_sigkill_equals_straight_run(straight_run, tmp_path):
