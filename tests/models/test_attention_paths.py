@@ -1,0 +1,225 @@
+"""The attention setting (``model.attention``) and the Pallas TPU flash-attention path.
+
+``AttentionConfig`` / ``choose_attention``: which kernel each backend and layer shape gets.
+``pallas_tpu_attention`` runs on this CPU in TPU interpret mode
+(``jax.experimental.pallas.tpu.force_tpu_interpret_mode()``): its values and gradients
+against XLA's attention (block sizes that do and do not divide the sequence, the padding of odd
+lengths such as CLIP's 77 tokens), against diffusers' ``Attention`` (PyTorch), in the VAE
+mid-block, and a whole tiny UNet forward + backward against 'xla'. Interpret mode is slow: the
+shapes are tiny. Last, what lowering shows without an accelerator: an SD1.5-shaped UNet at
+512 px (64x64 latents, reduced channels) with 'auto' holds no (B, 8, 4096, 4096) score array.
+"""
+
+import re
+
+import jax
+from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl4pix_jax.models import attention_ops, layers
+from rl4pix_jax.models.attention_ops import AttentionConfig
+from rl4pix_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tests.helpers import tiny_models
+
+AUTO = dict(flash_min_tokens=4096, chunk_queries=512, flash_block=512)
+
+
+def pallas(block: int = 128) -> AttentionConfig:
+  return AttentionConfig("pallas_tpu", flash_block=block)
+
+
+def _qkv(seed, queries, keys, width, batch=1, dtype=jnp.float32):
+  rng = np.random.RandomState(seed)
+  q = rng.randn(batch, queries, width)
+  k, v = (rng.randn(batch, keys, width) for _ in range(2))
+  return tuple(jnp.asarray(t, dtype) for t in (q, k, v))
+
+
+def test_attention_config_names_the_valid_values():
+  with pytest.raises(ValueError, match="auto, xla, cudnn, pallas_tpu, chunked") as error:
+    AttentionConfig("flash")
+  assert "\n" not in str(error.value)
+  with pytest.raises(ValueError, match="chunk_queries"):
+    AttentionConfig("chunked")
+  with pytest.raises(ValueError, match="flash_min_tokens"):
+    AttentionConfig("auto", chunk_queries=512, flash_block=512)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    AttentionConfig("pallas_tpu", flash_block=100)
+  with pytest.raises(ValueError, match="platform"):
+    AttentionConfig("auto", platform="metal", **AUTO)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    attention_ops.pallas_tpu_attention(*_qkv(0, 8, 8, 8), heads=1, block=64)
+  assert AttentionConfig().kind == "xla"
+
+
+@pytest.mark.parametrize("platform,queries,keys,head_dim,dtype,self_attention,path", [
+    # TPU: the Pallas kernel for self-attention from flash_min_tokens on (SD1.5 at 512 px).
+    ("tpu", 4096, 4096, 40, jnp.bfloat16, True, "pallas_tpu"),
+    ("tpu", 1024, 1024, 80, jnp.bfloat16, True, "xla"),
+    ("tpu", 4096, 77, 40, jnp.bfloat16, False, "xla"),
+    # GPU: cuDNN where it takes the shape (half precision, even keys, head width).
+    ("gpu", 4096, 4096, 40, jnp.bfloat16, True, "cudnn"),
+    ("cuda", 64, 64, 80, jnp.float16, True, "cudnn"),
+    ("gpu", 4096, 77, 40, jnp.bfloat16, False, "xla"),
+    ("gpu", 4096, 4096, 40, jnp.float32, True, "xla"),
+    # CPU: the blocked path, self- and cross-attention alike.
+    ("cpu", 1024, 1024, 8, jnp.float32, True, "chunked"),
+    ("cpu", 1024, 77, 8, jnp.float32, False, "chunked"),
+])
+def test_auto_picks_per_backend_and_layer_shape(platform, queries, keys, head_dim, dtype,
+                                                 self_attention, path):
+  config = AttentionConfig("auto", platform=platform, **AUTO)
+  assert attention_ops.choose_attention(config, queries, keys, head_dim, dtype,
+                                        self_attention) == path
+
+
+def test_explicit_kinds_are_taken_as_asked():
+  for kind, path in (("xla", "xla"), ("chunked", "chunked"), ("pallas_tpu", "pallas_tpu")):
+    config = AttentionConfig(kind, platform="tpu", **AUTO)
+    assert attention_ops.choose_attention(config, 64, 77, 8, jnp.float32, False) == path
+  # The threshold is the config value.
+  low = AttentionConfig("auto", platform="tpu", **dict(AUTO, flash_min_tokens=256))
+  assert attention_ops.choose_attention(low, 256, 256, 8, jnp.float32, True) == "pallas_tpu"
+
+
+# (queries, keys, heads, head_dim, block): one block; a block that divides the sequence
+# (256 = 2 x 128); one that does not (200 queries and keys padded to 256, keys masked);
+# cross-attention over CLIP's odd 77 keys (padded to 128); a head width above 128 (160 as in
+# SD1.5's 1280-channel level, zero-padded to 256).
+PALLAS_CASES = [(64, 64, 2, 8, 128), (256, 256, 1, 8, 128), (200, 200, 1, 16, 128),
+                (48, 77, 2, 8, 128), (16, 24, 1, 160, 128)]
+
+
+@pytest.mark.parametrize("queries,keys,heads,head_dim,block", PALLAS_CASES)
+def test_pallas_matches_xla_values_and_gradients(queries, keys, heads, head_dim, block):
+  q, k, v = _qkv(queries + keys, queries, keys, heads * head_dim)
+  flash = lambda q, k, v: attention_ops.pallas_tpu_attention(q, k, v, heads, block)
+  xla = lambda q, k, v: attention_ops.fused_attention(q, k, v, heads, implementation="xla")
+  weights = jnp.asarray(np.random.RandomState(1).randn(1, queries, heads * head_dim),
+                        jnp.float32)
+  loss = lambda fn: (lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)) * weights))
+  with pltpu.force_tpu_interpret_mode():
+    out = jax.jit(flash)(q, k, v)
+    grads = jax.jit(jax.grad(loss(flash), argnums=(0, 1, 2)))(q, k, v)
+  ref = xla(q, k, v)
+  ref_grads = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+  assert out.shape == ref.shape and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, atol=1e-5 * (1 + float(np.abs(ref).max())))
+  for name, a, b in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(a, b, atol=1e-5 * (1 + float(np.abs(b).max())), err_msg=name)
+
+
+def test_pallas_upcast_and_bfloat16():
+  q, k, v = _qkv(3, 40, 40, 16, dtype=jnp.bfloat16)
+  ref = attention_ops.fused_attention(*(t.astype(jnp.float32) for t in (q, k, v)), heads=2)
+  with pltpu.force_tpu_interpret_mode():
+    for upcast in (False, True):
+      out = jax.jit(lambda q, k, v, u=upcast: attention_ops.pallas_tpu_attention(
+          q, k, v, 2, 128, u))(q, k, v)
+      assert out.dtype == jnp.bfloat16
+      np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
+
+
+def test_pallas_attention_layer_matches_diffusers():
+  """layers.Attention (self- and cross-attention) on the Pallas path vs diffusers' Attention."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from diffusers.models.attention_processor import Attention as TorchAttention  # pylint: disable=import-outside-toplevel
+  from tests.helpers.torch_parity import assert_close, randomise  # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(7)
+  x = rng.randn(2, 45, 16).astype(np.float32)  # 45 queries: padded to 128
+  text = rng.randn(2, 77, 24).astype(np.float32)
+  for context, cross_dim in ((None, None), (text, 24)):
+    torch_layer = randomise(TorchAttention(16, cross_attention_dim=cross_dim, heads=2,
+                                           dim_head=8, bias=False, out_bias=True), seed=5)
+    linear = lambda m: {"kernel": jnp.asarray(m.weight.detach().numpy().T)}
+    params = {"params": {
+        "to_q": linear(torch_layer.to_q), "to_k": linear(torch_layer.to_k),
+        "to_v": linear(torch_layer.to_v),
+        "to_out_0": dict(linear(torch_layer.to_out[0]),
+                         bias=jnp.asarray(torch_layer.to_out[0].bias.detach().numpy()))}}
+    module = layers.Attention(2, 8, 16, attention=pallas())
+    with pltpu.force_tpu_interpret_mode():
+      out = jax.jit(module.apply)(params, jnp.asarray(x),
+                                  None if context is None else jnp.asarray(context))
+    with torch.no_grad():
+      ref = torch_layer(torch.from_numpy(x), None if context is None else
+                        torch.from_numpy(context)).numpy()
+    assert_close(out, ref, "Pallas attention vs diffusers " +
+                 ("self-attention" if context is None else "cross-attention (77 keys)"))
+
+
+def test_vae_mid_block_attention_takes_the_setting():
+  """SpatialSelfAttention (one head, float32) on the chunked and Pallas paths equals XLA's."""
+  x = jnp.asarray(np.random.RandomState(2).randn(1, 6, 7, 16), jnp.float32)  # 42 tokens
+  module = layers.SpatialSelfAttention(head_dim=16, groups=4)
+  params = module.init(jax.random.PRNGKey(0), x)
+  ref = module.apply(params, x)
+  chunked = layers.SpatialSelfAttention(16, 4, attention=AttentionConfig("chunked",
+                                                                          chunk_queries=16))
+  with pltpu.force_tpu_interpret_mode():
+    flash = jax.jit(layers.SpatialSelfAttention(16, 4, attention=pallas()).apply)(params, x)
+  for out in (chunked.apply(params, x), flash):
+    np.testing.assert_allclose(out, ref, atol=1e-5 * (1 + float(np.abs(ref).max())))
+
+
+def test_tiny_unet_forward_and_backward_pallas_matches_xla():
+  """Every non-capturing layer of the tiny UNet on the Pallas kernel (16x16 = 256 and 8x8
+  self-attention tokens, 8 text tokens): output and parameter gradients equal XLA's."""
+  config = UNetConfig.from_diffusers(tiny_models.TINY_UNET)
+  params = tiny_models.tiny_unet_params(seed=3)
+  rng = np.random.RandomState(0)
+  sample = jnp.asarray(rng.randn(1, 16, 16, 8), jnp.float32)
+  timesteps = jnp.asarray([500], jnp.int32)
+  context = jnp.asarray(rng.randn(1, tiny_models.TEXT_LEN, 32), jnp.float32)
+
+  def value_and_grad(attention):
+    model = UNet2DConditionModel(config, attention=attention)
+    loss = lambda p: jnp.mean(model.apply({"params": p}, sample, timesteps, context) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss_xla, grad_xla = value_and_grad(AttentionConfig("xla"))
+  with pltpu.force_tpu_interpret_mode():
+    loss_flash, grad_flash = value_and_grad(pallas())
+  np.testing.assert_allclose(loss_flash, loss_xla, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(grad_flash), jax.tree_util.tree_leaves(grad_xla)):
+    np.testing.assert_allclose(a, b, atol=1e-5 * (1 + float(np.abs(b).max())))
+
+
+# SD1.5's structure at 512 px (64x64 latents, 8 heads, CLIP's 77 tokens) with reduced channels
+# and one resolution below: only the 4096-token 64x64 self-attention matters here.
+SD15_SHAPED = dict(in_channels=8, out_channels=4, sample_size=64, block_out_channels=[64, 64],
+                   layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
+                   attention_head_dim=8, norm_num_groups=8)
+SCORES = re.compile(r"\b(?:f32|bf16)\[1,8,4096,4096\]")  # (B, heads, N, N) scores, B = 1
+
+
+def _sd15_shaped_forward(attention: AttentionConfig):
+  config = UNetConfig.from_diffusers(SD15_SHAPED)
+  model = UNet2DConditionModel(config, attention=attention)
+  sd = jax.ShapeDtypeStruct
+  args = (sd((1, 64, 64, 8), jnp.float32), sd((1,), jnp.int32), sd((1, 77, 32), jnp.float32))
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)
+  return jax.jit(model.apply).trace(params, *args)
+
+
+def test_auto_on_cpu_compiles_no_4096_square_score_array():
+  """'auto' on CPU (the chunked path): the compiled SD1.5-shaped UNet at 512 px has no
+  (1, 8, 4096, 4096) array; 'xla' has one (so the pattern does see it)."""
+  auto = AttentionConfig("auto", platform="cpu", **AUTO)
+  compiled = _sd15_shaped_forward(auto).lower().compile().as_text()
+  assert "[1,8,4096,4096]" not in compiled and not SCORES.search(compiled)
+  assert "4096,4096" not in compiled
+  lowered_xla = _sd15_shaped_forward(AttentionConfig("xla")).lower().as_text()
+  assert "1x8x4096x4096xf32" in lowered_xla
+
+
+def test_auto_for_tpu_lowers_on_this_cpu_to_the_pallas_kernel():
+  """Lowering for TPU needs no TPU: the 64x64 self-attention becomes a Mosaic custom call and
+  the lowered program has no 4096x4096 score array (compiling it needs the TPU)."""
+  auto = AttentionConfig("auto", platform="tpu", **AUTO)
+  lowered = _sd15_shaped_forward(auto).lower(lowering_platforms=("tpu",)).as_text()
+  assert "tpu_custom_call" in lowered
+  assert "4096x4096" not in lowered
