@@ -97,7 +97,7 @@ def _value_and_vjp(fn, q, k, v, weights):
 # no padding, no segment ids); one that does not, with the padding SD's shapes need: 200
 # queries padded to 256 (2 blocks), CLIP's odd 77 keys padded to 128 and masked, and a head
 # wider than 128 (160, as at SD1.5's 1280-channel level) zero-padded to 256.
-PALLAS_CASES = [(256, 256, 2, 8, 128), (200, 77, 1, 160, 128)]
+PALLAS_CASES = [(256, 256, 1, 8, 128), (200, 77, 1, 160, 128)]
 
 
 @pytest.mark.parametrize("queries,keys,heads,head_dim,block", PALLAS_CASES)
@@ -114,16 +114,6 @@ def test_pallas_matches_xla_values_and_gradients(queries, keys, heads, head_dim,
   np.testing.assert_allclose(out, ref, atol=1e-5 * (1 + float(np.abs(ref).max())))
   for name, a, b in zip("qkv", grads, ref_grads):
     np.testing.assert_allclose(a, b, atol=1e-5 * (1 + float(np.abs(b).max())), err_msg=name)
-
-
-def test_pallas_in_bfloat16():
-  """bfloat16 in, bfloat16 out, the kernel computing in bfloat16 (float32 accumulation)."""
-  q, k, v = _qkv(3, 40, 40, 16, dtype=jnp.bfloat16)
-  ref = attention_ops.fused_attention(*(t.astype(jnp.float32) for t in (q, k, v)), heads=2)
-  with pltpu.force_tpu_interpret_mode():
-    out = jax.jit(lambda q, k, v: attention_ops.pallas_tpu_attention(q, k, v, 2, 128))(q, k, v)
-  assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
 
 
 def test_pallas_cross_attention_layer_matches_diffusers():
@@ -167,14 +157,16 @@ def test_vae_mid_block_attention_takes_the_setting():
   assert attention_ops.choose_attention(tpu, 4096, 4096, 512, jnp.float32, True) == "pallas_tpu"
 
 
-# The tiny UNet with attention only where it cannot be left out: down_blocks_0 (16x16 = 256
-# self-attention tokens, 8 text tokens) and the mid block (8x8): four layers, all on the kernel.
-PALLAS_UNET = dict(tiny_models.TINY_UNET, up_block_types=["UpBlock2D", "UpBlock2D"])
+# The tiny UNet with attention only where it cannot be left out, the mid block (8x8 = 64
+# self-attention tokens, 8 text tokens): two layers, both on the kernel (each kernel costs
+# tens of seconds of compile in interpret mode).
+PALLAS_UNET = dict(tiny_models.TINY_UNET, down_block_types=["DownBlock2D", "DownBlock2D"],
+                   up_block_types=["UpBlock2D", "UpBlock2D"])
 
 
 def test_tiny_unet_forward_and_backward_pallas_matches_xla():
-  """Every attention layer of a tiny UNet on the Pallas kernel: output and parameter
-  gradients equal those with 'xla'."""
+  """attention='pallas_tpu': every attention layer of a tiny UNet on the Pallas kernel; the
+  output and every parameter gradient equal those with 'xla'."""
   config = UNetConfig.from_diffusers(PALLAS_UNET)
   rng = np.random.RandomState(0)
   sample = jnp.asarray(rng.randn(1, 16, 16, 8), jnp.float32)
