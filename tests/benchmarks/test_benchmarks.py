@@ -143,26 +143,34 @@ def test_attention_config_takes_the_run_config_numbers_and_the_flag():
     configs.attention_config("flash")
 
 
-def test_memory_plan_builds_the_unet_with_the_attention_setting(monkeypatch):
-  """plan_variant hands its ``attention`` to the UNet it compiles (XLA's when not given);
-  stopped at make_train_step, before any compile."""
-  from benchmarks import memory_plan  # pylint: disable=import-outside-toplevel
-  seen = []
-
-  class Stop(Exception):
+MEMORY_PLAN_CHECK = """
+from benchmarks import configs, memory_plan
+seen = []
+class Stop(Exception):
+  pass
+def capture(unet, *args, **kwargs):
+  seen.append(unet.attention.kind)
+  raise Stop()
+memory_plan.ppo.make_train_step = capture
+for attention in (None, configs.attention_config("chunked", platform="cpu")):
+  try:
+    memory_plan.plan_variant(configs.BENCHMARK_CONFIGS["tiny"], memory_plan.VARIANTS[0],
+                             [1, 2], 2, log=lambda _: None, attention=attention)
+  except Stop:
     pass
+print(seen)
+"""
 
-  def capture(unet, *args, **kwargs):
-    seen.append(unet.attention)
-    raise Stop()
 
-  monkeypatch.setattr(memory_plan.ppo, "make_train_step", capture)
-  variant = memory_plan.VARIANTS[0]
-  for attention in (None, configs.attention_config("chunked", platform="cpu")):
-    with pytest.raises(Stop):
-      memory_plan.plan_variant(configs.BENCHMARK_CONFIGS["tiny"], variant, [1, 2], 2,
-                               log=lambda _: None, attention=attention)
-  assert [a.kind for a in seen] == ["xla", "chunked"]
+def test_memory_plan_builds_the_unet_with_the_attention_setting():
+  """plan_variant hands its ``attention`` to the UNet it compiles (XLA's when not given);
+  stopped at make_train_step, before any compile. In a subprocess: memory_plan and run
+  define the same absl flags."""
+  result = subprocess.run([sys.executable, "-c", MEMORY_PLAN_CHECK], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == "['xla', 'chunked']"
 
 
 def test_host_line_names_model_cores_and_isa_flags():
