@@ -3,7 +3,11 @@
 tiny: smoke test (CI-safe). small: a ~12.8M-parameter 8-channel UNet on 32x32 latents, the
 size that is meaningful on a CPU. sd15: the real SD1.5 / InstructPix2Pix UNet shapes (860M
 parameters, 64x64 latents = 512 px) with random weights; accelerator only.
+``attention_config``: the attention setting every benchmark script takes (``--attention``).
 """
+
+from configs import shapes
+from rl4pix_jax.models.attention_ops import AttentionConfig
 
 BENCHMARK_CONFIGS = {
     "tiny": dict(
@@ -28,19 +32,18 @@ BENCHMARK_CONFIGS = {
                   cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)),
 }
 
-# Queries per block of the UNet's chunked attention when the benchmarks run on a CPU backend:
-# the fastest setting measured for `small` on the 2-core CPU (benchmarks/README.md, "Profile").
-CPU_ATTENTION_QUERY_CHUNK = 512
 
 
-def attention_query_chunk(flag_value, backend: str):
-  """The UNet's ``attention_query_chunk`` for a benchmark flag value.
+def attention_config(kind: str = None, chunk_queries: int = None,
+                     platform: str = None) -> AttentionConfig:
+  """The benchmarks' ``AttentionConfig``: the run config's attention keys (configs/shapes.py,
+  the one home of their defaults), with ``kind`` / ``chunk_queries`` overridden when given.
 
-  None: ``CPU_ATTENTION_QUERY_CHUNK`` on the 'cpu' backend, off (``jax.nn.dot_product_attention``)
-  on accelerators; 0: off; a positive int: that many queries per block.
+  ``kind``: auto | xla | cudnn | pallas_tpu | chunked (None: the run config's, 'auto');
+  ``platform``: what 'auto' decides for (None: the default backend).
   """
-  if flag_value is None:
-    return CPU_ATTENTION_QUERY_CHUNK if backend == "cpu" else None
-  if flag_value < 0:
-    raise ValueError(f"attention_query_chunk must be >= 0 (0 = off), got {flag_value}.")
-  return flag_value or None
+  model = shapes.get_config().model
+  return AttentionConfig(
+      kind=kind or model.attention, flash_min_tokens=model.attention_flash_min_tokens,
+      chunk_queries=chunk_queries or model.attention_chunk_queries,
+      flash_block=model.attention_flash_block, platform=platform)

@@ -33,7 +33,7 @@ print(f"jax {jax.__version__} flax {flax.__version__} optax {optax.__version__} 
 PY
   # cuDNN flash attention at the sd15 self-attention shapes (head dims 40 and 160), forward
   # and gradient, against XLA's attention; fall back to XLA if it is refused. The UNet's
-  # cross-attention (77 keys, odd) always uses XLA's (layers.attention_implementation_for).
+  # cross-attention (77 keys, odd) always uses XLA's (attention_ops.cudnn_accepts).
   ATTENTION=$(python3 - <<'PY'
 import jax, jax.numpy as jnp
 def check(q_len, kv_len, heads, dim):

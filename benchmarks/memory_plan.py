@@ -30,9 +30,10 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from benchmarks.configs import BENCHMARK_CONFIGS
+from benchmarks.configs import BENCHMARK_CONFIGS, attention_config
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
+from rl4pix_jax.models.attention_ops import ATTENTION_KINDS, AttentionConfig
 from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.rl import ppo
 
@@ -113,7 +114,7 @@ def abstract_batch(batch: int, num_steps: int, side: int, length: int, dim: int,
 
 
 def plan_variant(spec: dict, variant: Variant, batches: Sequence[int], num_steps: int,
-                 log=print) -> PlanRow:
+                 log=print, attention: Optional[AttentionConfig] = None) -> PlanRow:
   """Compiles the PPO step of one variant for each batch size on abstract arguments.
 
   Args:
@@ -122,6 +123,8 @@ def plan_variant(spec: dict, variant: Variant, batches: Sequence[int], num_steps
     batches: two or more batch sizes to compile (the fit is linear in the batch).
     num_steps: DDIM steps T of the stored trajectories (every step is trained).
     log: progress printer.
+    attention: the UNet's attention kernels (None: XLA's, which materialises every
+      self-attention score array; 'auto' compiles the chunked path on the CPU).
 
   Returns:
     The :class:`PlanRow` with a least-squares line through (batch, temp bytes).
@@ -129,7 +132,8 @@ def plan_variant(spec: dict, variant: Variant, batches: Sequence[int], num_steps
   if len(set(batches)) < 2:
     raise ValueError(f"batches={batches}: need two different batch sizes for the linear fit.")
   config = unet_lib.UNetConfig.from_diffusers(spec["unet"])
-  unet = unet_lib.UNet2DConditionModel(config, remat=variant.remat)
+  unet = unet_lib.UNet2DConditionModel(config, remat=variant.remat,
+                                       attention=attention or AttentionConfig("xla"))
   side, length = spec["latent_side"], spec["text_length"]
   dim = config.cross_attention_dim[0]
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
@@ -190,6 +194,12 @@ flags.DEFINE_list("batches", ["1", "2"], "Batch sizes to compile (linear fit).")
 flags.DEFINE_integer("num_steps", 10, "DDIM steps T of the stored trajectories.")
 flags.DEFINE_list("variants", [v.name for v in VARIANTS], "Variants to plan (names).")
 flags.DEFINE_list("fsdp", ["1", "8"], "FSDP sizes for the fit columns.")
+flags.DEFINE_enum("attention", "xla", list(ATTENTION_KINDS),
+                  "The UNet's attention kernels (model.attention; benchmarks/README.md, "
+                  "'Attention paths'). xla (default here, as in the tables of "
+                  "docs/scaling_out.md): every score array materialised, an upper bound; "
+                  "auto or chunked: the CPU's blocked path, no score array, closer to a "
+                  "flash kernel's memory.")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -202,9 +212,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   rows = []
   for name in FLAGS.variants:
     rows.append(plan_variant(BENCHMARK_CONFIGS[FLAGS.config], known[name],
-                             [int(b) for b in FLAGS.batches], FLAGS.num_steps))
+                             [int(b) for b in FLAGS.batches], FLAGS.num_steps,
+                             attention=attention_config(FLAGS.attention, platform="cpu")))
     print(format_table(rows[-1:], [int(n) for n in FLAGS.fsdp]), flush=True)
   print(f"\nPPO step, {FLAGS.config} UNet, T={FLAGS.num_steps}, float32, CPU compile, "
+        f"attention={FLAGS.attention}, "
         f"temporaries fitted over batches {FLAGS.batches}:")
   print(format_table(rows, [int(n) for n in FLAGS.fsdp]))
 

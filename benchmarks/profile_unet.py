@@ -6,8 +6,9 @@ Parts (each prints a markdown table; all variants of a table are timed in one pr
 their calls interleaved, so that they see the same machine load — compare ratios):
 
 * ``variants``: the whole UNet forward and forward+backward (grad of mean(out^2) w.r.t. the
-  params) for each ``--chunks`` value (``none``: ``jax.nn.dot_product_attention`` over all
-  queries; an int: ``attention_query_chunk``), and diffusers PyTorch on the same weights.
+  params) for each ``--chunks`` value (``none``: attention 'xla', ``jax.nn.dot_product_attention``
+  over all queries; an int: attention 'chunked' with that many queries per block), and
+  diffusers PyTorch on the same weights.
 * ``layers``: single layers at the config's shapes: the self-attention over the largest
   latent (32x32 = 1024 tokens for ``small``), the cross-attention over the text tokens,
   GroupNorm + SiLU, a 3x3 convolution and the GEGLU feed-forward; ours vs PyTorch.
@@ -34,6 +35,7 @@ import numpy as np
 from benchmarks import host
 from benchmarks.configs import BENCHMARK_CONFIGS
 from rl4pix_jax.models import attention_ops, layers
+from rl4pix_jax.models.attention_ops import AttentionConfig
 from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.weights import diffusers_models
 
@@ -41,11 +43,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "small", list(BENCHMARK_CONFIGS), "Model size.")
 flags.DEFINE_integer("batch", 6, "UNet batch size.")
 flags.DEFINE_list("parts", ["variants", "layers", "breakdown"], "Parts to run.")
-flags.DEFINE_list("chunks", ["none", "32"], "attention_query_chunk values to compare.")
+flags.DEFINE_list("chunks", ["none", "32"], "Attention variants to compare: none (xla) or "
+                  "queries per block of the chunked path.")
 flags.DEFINE_list("passes", ["forward", "backward"], "UNet passes in 'variants'.")
 flags.DEFINE_integer("reps", 3, "Timed repetitions (after one warm-up call).")
-flags.DEFINE_integer("breakdown_chunk", 32, "attention_query_chunk of the profiled UNet "
-                     "(0: none).")
+flags.DEFINE_integer("breakdown_chunk", 32, "Queries per block of the profiled UNet's chunked "
+                     "attention (0: attention 'xla').")
 flags.DEFINE_enum("breakdown_pass", "forward", ["forward", "backward"], "Profiled pass.")
 flags.DEFINE_integer("top", 12, "Rows per breakdown table.")
 flags.DEFINE_bool("torch", True, "Time diffusers / PyTorch alongside.")
@@ -104,7 +107,10 @@ class Setup:
         self.torch_unet = torch_reference.load_unet(folder, "cpu", torch.float32)
 
   def model(self, chunk: Optional[int]) -> unet_lib.UNet2DConditionModel:
-    return unet_lib.UNet2DConditionModel(self.config, attention_query_chunk=chunk)
+    """Our UNet with XLA's attention (chunk None) or the chunked path at ``chunk`` queries."""
+    attention = (AttentionConfig("xla") if chunk is None else
+                 AttentionConfig("chunked", chunk_queries=chunk))
+    return unet_lib.UNet2DConditionModel(self.config, attention=attention)
 
   def jax_fn(self, chunk: Optional[int], backward: bool):
     model = self.model(chunk)
@@ -143,7 +149,7 @@ def variants(setup: Setup) -> List[str]:
     fns, firsts = {}, {}
     for text in FLAGS.chunks:
       chunk = chunk_value(text)
-      label = "ours, attention_query_chunk=" + ("None" if chunk is None else str(chunk))
+      label = "ours, attention=" + ("xla" if chunk is None else f"chunked ({chunk} queries)")
       fns[label] = setup.jax_fn(chunk, backward)
       firsts[label] = f"{first_call(fns[label]):.1f}"
     if setup.torch_unet is not None:
@@ -295,7 +301,8 @@ def breakdown(setup: Setup) -> List[str]:
         by_layer[f"{'/'.join(layer[-2:]) or '-'} : {op}"] += ms
         total += ms
   what = "forward+backward" if backward else "forward"
-  lines = [f"Our UNet {what}, batch {FLAGS.batch}, attention_query_chunk={chunk}: thunk time "
+  attention = "xla" if chunk is None else f"chunked ({chunk} queries)"
+  lines = [f"Our UNet {what}, batch {FLAGS.batch}, attention={attention}: thunk time "
            f"{total:.0f} ms per call (summed over XLA's threads), load {load_average()}", "",
            "| UNet block / part | ms | share |", "|---|---|---|"]
   row = lambda key, ms: f"| {key} | {ms:.1f} | {ms / total * 100:.1f}% |"

@@ -29,6 +29,7 @@ from benchmarks import configs
 from benchmarks import host
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
+from rl4pix_jax.models.attention_ops import ATTENTION_KINDS
 from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.rl import ppo
 from rl4pix_jax.weights import diffusers_models
@@ -45,11 +46,12 @@ flags.DEFINE_list("cases", ["forward", "backward", "trajectory", "ppo"],
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Our compute dtype.")
 flags.DEFINE_enum("torch_dtype", "float32", ["float32", "float16", "bfloat16"],
                   "PyTorch dtype (weights and compute).")
-flags.DEFINE_string("attention", None, "jax.nn.dot_product_attention implementation "
-                    "(None, 'xla', 'cudnn').")
-flags.DEFINE_integer("attention_query_chunk", None, "Our UNet's chunked attention "
-                     "(UNet2DConditionModel.attention_query_chunk). Unset: 512 on a CPU "
-                     "backend, off on accelerators; 0: off (jax.nn.dot_product_attention).")
+flags.DEFINE_enum("attention", "auto", list(ATTENTION_KINDS),
+                  "Our attention kernels (model.attention; benchmarks/README.md, 'Attention "
+                  "paths'). auto: Pallas flash on TPU for >= 4096-token self-attention, cuDNN "
+                  "on GPU where cuDNN takes the shape, the chunked path on CPU.")
+flags.DEFINE_integer("attention_chunk_queries", None, "Queries per block of the chunked path "
+                     "(unset: model.attention_chunk_queries of configs/shapes.py).")
 flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s of the chip for MFU "
                    "(H100 SXM ~790 measured); None: no MFU column values.")
 flags.DEFINE_bool("trace_only", False, "Lower our functions with abstract inputs and print "
@@ -180,9 +182,8 @@ class Bench:
     self.config = unet_lib.UNetConfig.from_diffusers(self.spec["unet"])
     dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
     self.unet = unet_lib.UNet2DConditionModel(
-        self.config, dtype=dtype, attention_implementation=FLAGS.attention,
-        attention_query_chunk=configs.attention_query_chunk(FLAGS.attention_query_chunk,
-                                                            jax.default_backend()))
+        self.config, dtype=dtype,
+        attention=configs.attention_config(FLAGS.attention, FLAGS.attention_chunk_queries))
     self.side, self.dim = self.spec["latent_side"], self.config.cross_attention_dim[0]
     self.schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())
     self.sampler_config = sampling.SamplerConfig(num_steps=FLAGS.steps, eta=1.0,
@@ -479,7 +480,7 @@ def main(_):
   print(f"config={FLAGS.config} unet_params={bench.parameter_count() / 1e6:.1f}M "
         f"latents={bench.side}x{bench.side} T={FLAGS.steps} edits={FLAGS.edits} "
         f"ours={FLAGS.dtype} on {jax.devices()[0].device_kind} (jax {jax.__version__}) "
-        f"attention={FLAGS.attention} attention_query_chunk={bench.unet.attention_query_chunk} "
+        f"attention={FLAGS.attention} chunk_queries={bench.unet.attention.chunk_queries} "
         f"reps={FLAGS.reps}")
   if FLAGS.trace_only:
     print("\n".join(bench.trace()))

@@ -16,6 +16,7 @@ import numpy as np
 from benchmarks import configs
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
+from rl4pix_jax.models.attention_ops import ATTENTION_KINDS
 from rl4pix_jax.models import unet as unet_lib
 
 FLAGS = flags.FLAGS
@@ -25,16 +26,17 @@ flags.DEFINE_integer("steps", 10, "DDIM steps T.")
 flags.DEFINE_integer("reps", 3, "Timed repetitions after the warm-up call.")
 flags.DEFINE_bool("attention", True, "Record target-token attention maps.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_integer("attention_query_chunk", None, "UNet chunked attention (unset: 512 on a "
-                     "CPU backend, off on accelerators; 0: off).")
+flags.DEFINE_enum("attention_kernels", "auto", list(ATTENTION_KINDS),
+                  "The UNet's attention kernels (model.attention; benchmarks/README.md, "
+                  "'Attention paths').")
 
 
 def main(_):
   spec = configs.BENCHMARK_CONFIGS[FLAGS.config]
   config = unet_lib.UNetConfig.from_diffusers(spec["unet"])
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
-  chunk = configs.attention_query_chunk(FLAGS.attention_query_chunk, jax.default_backend())
-  unet = unet_lib.UNet2DConditionModel(config, dtype=dtype, attention_query_chunk=chunk)
+  unet = unet_lib.UNet2DConditionModel(
+      config, dtype=dtype, attention=configs.attention_config(FLAGS.attention_kernels))
   side, length, dim = spec["latent_side"], spec["text_length"], config.cross_attention_dim[0]
   params = jax.jit(unet.init)(jax.random.PRNGKey(0), jnp.zeros((1, side, side, 8)),
                               jnp.zeros((1,), jnp.int32), jnp.zeros((1, length, dim)))["params"]

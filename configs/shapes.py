@@ -45,10 +45,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.stages_dir = ""  # supervised stages (vae/, clip/, unet/); "" = the workdir's parent
   c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators); params stay float32
   c.model.remat = False
-  # None: attention through jax.nn.dot_product_attention. An int (e.g. 512): the UNet's
-  # chunked attention, at most that many queries per block (same values to float rounding;
-  # a CPU option, faster there for large self-attention, see benchmarks/README.md "Profile").
-  c.model.attention_query_chunk = ml_collections.config_dict.placeholder(int)
+  # The attention kernels of the UNet and the VAE mid-block (rl4pix_jax/models/attention_ops.py,
+  # AttentionConfig; benchmarks/README.md "Attention paths"): auto | xla | cudnn | pallas_tpu |
+  # chunked. auto: Pallas flash attention on TPU for self-attention over >= flash_min_tokens
+  # tokens, cuDNN flash attention on GPU where cuDNN takes the shape, the blocked (chunked)
+  # path on CPU, XLA otherwise. Layers that record attention maps always compute explicit
+  # probabilities. All paths give the same values up to float rounding.
+  c.model.attention = "auto"
+  c.model.attention_flash_min_tokens = 4096  # 64x64 latents (512 px), as maxdiffusion
+  # Queries per block of the chunked path: the fastest measured for the benchmarks' `small`
+  # UNet on the 2-core CPU (benchmarks/README.md, "Profile").
+  c.model.attention_chunk_queries = 512
+  c.model.attention_flash_block = 512  # queries/keys per Pallas TPU block (a multiple of 128)
   c.model.unet = dict(
       sample_size=8, in_channels=8, out_channels=4,
       block_out_channels=[64, 128], layers_per_block=1,

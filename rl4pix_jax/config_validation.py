@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional
 
 import ml_collections
 
+from rl4pix_jax.models.attention_ops import ATTENTION_KINDS
 from rl4pix_jax.rl.batching import BatchArithmetic, TrainingError, batch_arithmetic
 
 _MISSING = object()
@@ -108,7 +109,15 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
                       f"editor's latent grid); e.g. "
                       f"{flag('resolution', resolution - resolution % 8 or 8)}.")
   check_choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
-  check_int(config, "model.attention_query_chunk", 1, allow_none=True, example=512)
+  check_choice(config, "model.attention", ATTENTION_KINDS)
+  check_int(config, "model.attention_flash_min_tokens", 1, example=4096)
+  check_int(config, "model.attention_chunk_queries", 1, example=512)
+  check_int(config, "model.attention_flash_block", 128, example=512)
+  block = _get(config, "model.attention_flash_block")
+  if _is_int(block) and block % 128:
+    raise ConfigError(f"{flag('model.attention_flash_block', block)}: must be a multiple of "
+                      f"128 (the TPU kernel's lanes); e.g. "
+                      f"{flag('model.attention_flash_block', block - block % 128 or 128)}.")
   check_choice(config, "data.dataset", ("shapes_edit", "magicbrush"))
   for name in ("train_size",):
     check_int(config, f"data.{name}", 1, example=2000)

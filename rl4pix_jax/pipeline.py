@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from rl4pix_jax.diffusion import ddim
+from rl4pix_jax.models.attention_ops import AttentionConfig
 from rl4pix_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from rl4pix_jax.models.unet import UNet2DConditionModel, UNetConfig
 from rl4pix_jax.models.vae import AutoencoderKL, VAEConfig, latent_mode
@@ -31,6 +32,20 @@ def compute_dtype(name: str) -> Any:
   if name not in DTYPES:
     raise ValueError(f"model.dtype={name!r} is not supported; choose one of {sorted(DTYPES)}.")
   return DTYPES[name]
+
+
+def attention_config(config: Any) -> AttentionConfig:
+  """The models' ``AttentionConfig`` from a run config's ``model.attention`` keys.
+
+  Reads ``config.model.attention`` (auto | xla | cudnn | pallas_tpu | chunked) and its
+  numbers ``attention_flash_min_tokens``, ``attention_chunk_queries`` and
+  ``attention_flash_block`` (defaults in configs/shapes.py; see
+  ``attention_ops.AttentionConfig``). The platform 'auto' decides for is the default backend.
+  """
+  return AttentionConfig(kind=config.model.attention,
+                         flash_min_tokens=config.model.attention_flash_min_tokens,
+                         chunk_queries=config.model.attention_chunk_queries,
+                         flash_block=config.model.attention_flash_block)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,11 +90,11 @@ def _inner(params: Mapping) -> Params:
 def build_models(unet_config: UNetConfig, vae_config: VAEConfig, text_config: CLIPTextConfig,
                  scheduler_config: Mapping, dtype: Any = jnp.float32,
                  remat: bool = False,
-                 attention_query_chunk: Optional[int] = None) -> EditorModels:
+                 attention: AttentionConfig = AttentionConfig()) -> EditorModels:
   """Assembles ``EditorModels`` and checks that the parts fit together.
 
-  ``attention_query_chunk``: the UNet's chunked-attention option (None: off; see
-  ``UNet2DConditionModel.attention_query_chunk``).
+  ``attention``: the attention kernels of the UNet and of the VAE's mid-block attention
+  (default XLA's; run configs: ``attention_config(config)``).
   """
   if unet_config.in_channels != 2 * vae_config.latent_channels:
     raise ValueError(f"The UNet takes {unet_config.in_channels} input channels but an "
@@ -89,15 +104,15 @@ def build_models(unet_config: UNetConfig, vae_config: VAEConfig, text_config: CL
     raise ValueError(f"UNet cross_attention_dim={unet_config.cross_attention_dim[0]} differs "
                      f"from the text encoder hidden_size={text_config.hidden_size}.")
   return EditorModels(
-      unet=UNet2DConditionModel(unet_config, dtype=dtype, remat=remat,
-                                attention_query_chunk=attention_query_chunk),
-      vae=AutoencoderKL(vae_config, dtype=dtype),
+      unet=UNet2DConditionModel(unet_config, dtype=dtype, remat=remat, attention=attention),
+      vae=AutoencoderKL(vae_config, dtype=dtype, attention=attention),
       text_encoder=CLIPTextModel(text_config, dtype=dtype),
       schedule=ddim.DDIMSchedule.from_config(scheduler_config))
 
 
 def load_diffusers_editor(path_or_hub_id: str, dtype: Any = jnp.float32,
-                          remat: bool = False, attention_query_chunk: Optional[int] = None
+                          remat: bool = False,
+                          attention: AttentionConfig = AttentionConfig()
                           ) -> Tuple[EditorModels, EditorParams, Any]:
   """Loads a diffusers InstructPix2Pix pipeline folder (or hub id) without torch.
 
@@ -107,7 +122,7 @@ def load_diffusers_editor(path_or_hub_id: str, dtype: Any = jnp.float32,
       ``timbrooks/instruct-pix2pix`` (downloaded with huggingface_hub; needs network).
     dtype: compute dtype of the modules (params are always float32).
     remat: gradient checkpointing in the UNet blocks.
-    attention_query_chunk: the UNet's chunked-attention option (None: off).
+    attention: the attention kernels (see ``build_models``).
   Returns:
     ``(models, params, tokenizer)``.
   """
@@ -126,7 +141,7 @@ def load_diffusers_editor(path_or_hub_id: str, dtype: Any = jnp.float32,
   scheduler_config = folders.read_json(
       os.path.join(folder, "scheduler", "scheduler_config.json"))
   models = build_models(unet_config, vae_config, text_config, scheduler_config, dtype, remat,
-                        attention_query_chunk)
+                        attention)
   params = EditorParams(unet=_inner(unet_params), vae=_inner(vae_params),
                         text_encoder=_inner(text_params))
   tokenizer = load_clip_tokenizer(os.path.join(folder, "tokenizer"))

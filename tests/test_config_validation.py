@@ -56,6 +56,12 @@ def test_the_default_config_is_valid():
     ("train.eval_examples", 0, "integer >= 1"),
     ("train.eval_split", "", "must name a split"),
     ("train.keep_best", None, "True or False"),
+    ("model.attention", "flash", "must be one of auto, xla, cudnn, pallas_tpu, chunked"),
+    ("model.attention", "cudn", "did you mean 'cudnn'"),
+    ("model.attention_flash_min_tokens", 0, "integer >= 1"),
+    ("model.attention_chunk_queries", None, "integer >= 1"),
+    ("model.attention_flash_block", 64, "integer >= 128"),
+    ("model.attention_flash_block", 200, "multiple of 128"),
 ])
 def test_bad_field_is_one_line_naming_the_flag(path, value, expected):
   with pytest.raises(cv.ConfigError) as e:

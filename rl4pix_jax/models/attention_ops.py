@@ -1,14 +1,20 @@
-"""Attention kernels of the models: explicit (with probabilities), fused, and chunked (custom VJP).
+"""Attention kernels of the models and the one setting that picks them per layer.
 
 ``explicit_attention`` returns the softmax probabilities (for the target-token maps of
-``token_attention_maps``); ``fused_attention`` calls ``jax.nn.dot_product_attention``;
-``chunked_attention`` processes one (batch, head) pair and block of queries at a time, with a
-hand-written backward pass, so that self-attention over many tokens fits in memory on CPU.
-``layers.Attention`` chooses between them.
+``token_attention_maps``); ``fused_attention`` calls ``jax.nn.dot_product_attention`` (XLA or
+cuDNN flash attention); ``chunked_attention`` processes one (batch, head) pair and block of
+queries at a time, with a hand-written backward pass, so that self-attention over many tokens
+fits in memory on CPU; ``pallas_tpu_attention`` runs JAX's Pallas TPU flash-attention kernel
+(on a CPU only under ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()``).
+``AttentionConfig`` is the models' ``attention`` setting (config key ``model.attention``:
+auto | xla | cudnn | pallas_tpu | chunked); ``choose_attention`` resolves it for one layer
+shape and ``attention`` runs the chosen kernel. ``layers.Attention`` and
+``layers.SpatialSelfAttention`` call ``attention`` for every layer that records no maps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional, Tuple
@@ -66,22 +72,6 @@ def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.reshape(q.shape[:2] + (-1,)), probs
 
 
-def attention_implementation_for(implementation: Optional[str], key_length: int,
-                                  dtype) -> Optional[str]:
-  """The ``jax.nn.dot_product_attention`` implementation one layer uses.
-
-  'cudnn' (flash attention) takes bfloat16/float16 inputs with an even number of keys
-  (cuDNN refuses odd ones, e.g. CLIP's 77 text tokens, seen on an H100 with jax 0.11.2);
-  layers outside that (the cross-attention, float32 upcast layers) use XLA's attention, so a
-  UNet built with 'cudnn' runs its self-attention on cuDNN and the rest on XLA. Other
-  values pass through.
-  """
-  if implementation == "cudnn" and (key_length % 2 or
-                                    jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
-    return "xla"
-  return implementation
-
-
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
                     upcast: bool = False, implementation: Optional[str] = None) -> jax.Array:
   """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
@@ -90,7 +80,8 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
     q: (B, N, heads * d); k, v: (B, L, heads * d).
     heads: number of heads.
     upcast: run in float32 (diffusers' ``upcast_attention``/``upcast_softmax``).
-    implementation: None, 'xla' or 'cudnn' (see ``attention_implementation_for``).
+    implementation: None (JAX chooses), 'xla' or 'cudnn' (flash attention; the caller checks
+      that cuDNN takes the shape, see ``cudnn_accepts``).
   Returns:
     (B, N, heads * d) in q's original dtype.
   """
@@ -99,7 +90,6 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
   if upcast:
     qh, kh, vh = (t.astype(jnp.float32) for t in (qh, kh, vh))
   scale = 1.0 / math.sqrt(qh.shape[-1])
-  implementation = attention_implementation_for(implementation, kh.shape[1], qh.dtype)
   out = jax.nn.dot_product_attention(qh, kh, vh, scale=scale, implementation=implementation)
   return out.astype(dtype).reshape(q.shape[:2] + (-1,))
 
@@ -226,3 +216,200 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, quer
                            scale)
   out = out.reshape(batch, heads, blocks * chunk, head_dim)[:, :, :queries]
   return jnp.transpose(out, (0, 2, 1, 3)).astype(dtype).reshape(q.shape[:2] + (-1,))
+
+
+# ---- Pallas TPU flash attention -----------------------------------------------------------
+
+# The TPU kernel's key blocks and (above 128) head widths are whole multiples of the 128 lanes.
+_TPU_LANES = 128
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
+                         block: int, upcast: bool = False) -> jax.Array:
+  """Exact softmax attention through JAX's Pallas TPU flash-attention kernel.
+
+  ``jax.experimental.pallas.ops.tpu.flash_attention`` (forward and its own backward kernels):
+  no (N, L) score array leaves the kernel's VMEM tiles. The kernel wants sequence lengths that
+  are multiples of its blocks and head widths that are whole multiples of 128 lanes, so (as
+  maxdiffusion does) queries and keys are zero-padded to a multiple of the block, padded keys
+  are masked out through the kernel's segment ids (real tokens segment 1, padding 0), and
+  heads are zero-padded to a multiple of 128 (zero q/k columns leave every score unchanged,
+  zero v columns give output columns that are dropped); the scale stays 1/sqrt(d) of the
+  real width. Runs on a TPU, or on a CPU under
+  ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` (slow: tests only).
+  Reverse-mode differentiable.
+
+  Args:
+    q: (B, N, heads * d) queries; k, v: (B, L, heads * d).
+    heads: number of heads.
+    block: queries and keys per kernel block, a multiple of 128 (a sequence shorter than the
+      block uses one block of its length rounded up to 128).
+    upcast: run in float32 (diffusers' ``upcast_attention``/``upcast_softmax``).
+  Returns:
+    (B, N, heads * d) in q's original dtype.
+  """
+  # pylint: disable-next=import-outside-toplevel
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+  if block < _TPU_LANES or block % _TPU_LANES:
+    raise ValueError(f"Pallas flash-attention block {block}: must be a positive multiple of "
+                     f"{_TPU_LANES}.")
+  dtype = q.dtype
+  batch, queries = q.shape[:2]
+  keys = k.shape[1]
+  qh, kh, vh = (jnp.swapaxes(_split_heads(t, heads), 1, 2) for t in (q, k, v))  # (B, h, ., d)
+  if upcast:
+    qh, kh, vh = (t.astype(jnp.float32) for t in (qh, kh, vh))
+  head_dim = qh.shape[-1]
+  block_q = min(block, _round_up(queries, _TPU_LANES))
+  block_k = min(block, _round_up(keys, _TPU_LANES))
+  padded_q, padded_k = _round_up(queries, block_q), _round_up(keys, block_k)
+  padded_d = _round_up(head_dim, _TPU_LANES)
+
+  def pad(t, length):
+    return jnp.pad(t, ((0, 0), (0, 0), (0, length - t.shape[2]), (0, padded_d - head_dim)))
+
+  segment_ids = None
+  if padded_q != queries or padded_k != keys:
+    real = lambda length, n: jnp.broadcast_to(
+        (jnp.arange(length) < n).astype(jnp.int32), (batch, length))
+    segment_ids = tpu_flash.SegmentIds(q=real(padded_q, queries), kv=real(padded_k, keys))
+  sizes = tpu_flash.BlockSizes(
+      block_q=block_q, block_k_major=block_k, block_k=block_k, block_b=1,
+      block_q_major_dkv=block_q, block_k_major_dkv=block_k, block_k_dkv=block_k,
+      block_q_dkv=block_q, block_k_major_dq=block_k, block_k_dq=block_k, block_q_dq=block_q)
+  out = tpu_flash.flash_attention(pad(qh, padded_q), pad(kh, padded_k), pad(vh, padded_k),
+                                  segment_ids=segment_ids, sm_scale=1.0 / math.sqrt(head_dim),
+                                  block_sizes=sizes)
+  out = jnp.swapaxes(out[:, :, :queries, :head_dim], 1, 2)
+  return out.astype(dtype).reshape(batch, queries, -1)
+
+
+# ---- the one setting ----------------------------------------------------------------------
+
+ATTENTION_KINDS = ("auto", "xla", "cudnn", "pallas_tpu", "chunked")
+# What ``choose_attention`` returns: the kernel one layer runs.
+ATTENTION_PATHS = ("xla", "cudnn", "pallas_tpu", "chunked")
+_PLATFORMS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """The models' attention setting (run config: ``model.attention`` and its three numbers).
+
+  ``kind``:
+    'auto': per backend and layer shape (``choose_attention``): on TPU the Pallas flash
+      kernel for self-attention over >= ``flash_min_tokens`` tokens, XLA otherwise; on GPU
+      cuDNN flash attention where cuDNN takes the shape (``cudnn_accepts``), XLA otherwise
+      (CLIP's 77-token cross-attention); on CPU the blocked path; XLA elsewhere.
+    'xla': ``jax.nn.dot_product_attention(implementation='xla')`` (materialises the scores).
+    'cudnn': cuDNN flash attention where cuDNN takes the shape, XLA elsewhere.
+    'pallas_tpu': the Pallas TPU kernel in every layer (on a CPU only in interpret mode).
+    'chunked': ``chunked_attention`` in every layer.
+  Layers that record attention maps compute explicit probabilities whatever the kind.
+
+  Attributes:
+    kind: one of ``ATTENTION_KINDS``.
+    flash_min_tokens: 'auto' on TPU: shortest self-attention (queries) for the Pallas kernel.
+    chunk_queries: queries per block of ``chunked_attention`` ('auto' on CPU, 'chunked').
+    flash_block: queries/keys per block of ``pallas_tpu_attention`` (a multiple of 128).
+    platform: the backend 'auto' decides for ('cpu', 'gpu'/'cuda', 'tpu'); None:
+      ``jax.default_backend()`` when the model is traced. Set it to lower for another
+      platform than the one present (``jax.jit(...).trace(...).lower(lowering_platforms=)``).
+  """
+  kind: str = "xla"
+  flash_min_tokens: Optional[int] = None
+  chunk_queries: Optional[int] = None
+  flash_block: Optional[int] = None
+  platform: Optional[str] = None
+
+  def __post_init__(self):
+    if self.kind not in ATTENTION_KINDS:
+      raise ValueError(f"attention {self.kind!r}: must be one of {', '.join(ATTENTION_KINDS)}.")
+    needs = {"auto": ("flash_min_tokens", "chunk_queries", "flash_block"),
+             "chunked": ("chunk_queries",), "pallas_tpu": ("flash_block",)}
+    for name in needs.get(self.kind, ()):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"attention {self.kind!r} needs a positive integer {name}, got "
+                         f"{value!r}.")
+    if self.flash_block is not None and self.flash_block % _TPU_LANES:
+      raise ValueError(f"attention flash_block {self.flash_block}: must be a multiple of "
+                       f"{_TPU_LANES}.")
+    if self.platform is not None and self.platform not in _PLATFORMS:
+      raise ValueError(f"attention platform {self.platform!r}: must be one of "
+                       f"{', '.join(_PLATFORMS)} (or None: the default backend).")
+
+
+def cudnn_max_head_dim(platform: str) -> int:
+  """The widest head cuDNN flash attention takes: 256 on Hopper or later, else 128.
+
+  (jax's ``check_is_flash_attention``.) Without a GPU device to ask (lowering for 'gpu'
+  elsewhere) the conservative 128.
+  """
+  if platform != "gpu":
+    return 128
+  try:
+    device = jax.devices("gpu")[0]
+    major, minor = (int(x) for x in device.compute_capability.split(".")[:2])
+  except (RuntimeError, AttributeError, ValueError):
+    return 128
+  return 256 if (major, minor) >= (9, 0) else 128
+
+
+def cudnn_accepts(keys: int, head_dim: int, dtype, max_head_dim: int = 128) -> bool:
+  """Whether cuDNN flash attention takes a layer: bfloat16/float16, an even number of keys
+  (cuDNN refused CLIP's 77 text tokens on an H100, jax 0.11.2), head width a multiple of 8
+  and at most ``max_head_dim`` (see ``cudnn_max_head_dim``)."""
+  return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and keys % 2 == 0
+          and head_dim % 8 == 0 and head_dim <= max_head_dim)
+
+
+def choose_attention(config: AttentionConfig, queries: int, keys: int, head_dim: int, dtype,
+                     self_attention: bool) -> str:
+  """The kernel (one of ``ATTENTION_PATHS``) a layer of this shape runs under ``config``.
+
+  Args:
+    config: the setting.
+    queries, keys: N and L of the layer.
+    head_dim: head width d.
+    dtype: the dtype the attention computes in (after any float32 upcast).
+    self_attention: keys are the queries' own tokens (not the text).
+  """
+  platform = _PLATFORMS.get(config.platform or jax.default_backend())  # None: another one
+  if config.kind == "cudnn" or (config.kind == "auto" and platform == "gpu"):
+    accepted = cudnn_accepts(keys, head_dim, dtype, cudnn_max_head_dim(platform))
+    return "cudnn" if accepted else "xla"
+  if config.kind != "auto":
+    return config.kind
+  if platform == "tpu":
+    return "pallas_tpu" if self_attention and queries >= config.flash_min_tokens else "xla"
+  if platform == "cpu":
+    return "chunked"
+  return "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, config: AttentionConfig,
+              upcast: bool = False, self_attention: bool = True) -> jax.Array:
+  """Softmax attention through the kernel ``choose_attention`` picks for this shape.
+
+  Args:
+    q: (B, N, heads * d) queries; k, v: (B, L, heads * d).
+    heads: number of heads.
+    config: the setting.
+    upcast: run in float32 (diffusers' ``upcast_attention``/``upcast_softmax``).
+    self_attention: see ``choose_attention``.
+  Returns:
+    (B, N, heads * d) in q's dtype.
+  """
+  head_dim = q.shape[-1] // heads
+  dtype = jnp.float32 if upcast else q.dtype
+  path = choose_attention(config, q.shape[1], k.shape[1], head_dim, dtype, self_attention)
+  if path == "chunked":
+    return chunked_attention(q, k, v, heads, config.chunk_queries, upcast)
+  if path == "pallas_tpu":
+    return pallas_tpu_attention(q, k, v, heads, config.flash_block, upcast)
+  return fused_attention(q, k, v, heads, upcast, path)

@@ -1,7 +1,8 @@
 """Layers shared by the Flax UNet and VAE: embeddings, resnet blocks, resampling, attention.
 
 The modules only; the custom-VJP kernels they call are in ``conv_ops`` (the CPU convolution)
-and ``attention_ops`` (explicit, fused and chunked attention, target-token maps).
+and ``attention_ops`` (explicit, XLA/cuDNN, chunked and Pallas TPU attention, the setting
+that picks one per layer, target-token maps).
 
 Everything is NHWC. Parameters are float32 (``param_dtype``); ``dtype`` is the compute dtype.
 Submodule names follow the PyTorch diffusers attribute names, with list indices written as
@@ -18,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rl4pix_jax.models.attention_ops import (chunked_attention, explicit_attention,
-                                             fused_attention, token_attention_maps)
+from rl4pix_jax.models.attention_ops import (AttentionConfig, attention, explicit_attention,
+                                             token_attention_maps)
 from rl4pix_jax.models.conv_ops import canonical_conv_general_dilated
 
 Dtype = Any
@@ -197,10 +198,10 @@ class Attention(nn.Module):
 
   When ``capture`` is true and ``token_index`` is given, the probabilities are computed
   explicitly (float32 softmax) and the head-averaged maps of the chosen tokens are sown into
-  the ``'attention_maps'`` collection under ``'probs'`` with shape (B, h, w, K). Otherwise
-  ``jax.nn.dot_product_attention`` does the work and nothing is sown, or, with
-  ``query_chunk`` set, ``chunked_attention`` (the same function, one (batch, head) pair and
-  block of queries at a time).
+  the ``'attention_maps'`` collection under ``'probs'`` with shape (B, h, w, K), whatever
+  ``attention`` says. Otherwise ``attention_ops.attention`` runs the kernel that
+  ``attention`` picks for this layer's shape (XLA, cuDNN, Pallas TPU or chunked: the same
+  function up to float rounding) and nothing is sown.
 
   Attributes:
     heads: number of heads.
@@ -208,10 +209,7 @@ class Attention(nn.Module):
     out_features: output width (the query width).
     qkv_bias: biases on to_q/to_k/to_v (False in the UNet, True in the VAE).
     upcast: compute q k^T and the softmax in float32 (``upcast_attention``).
-    implementation: passed to ``jax.nn.dot_product_attention`` (None, 'xla' or 'cudnn').
-    query_chunk: None (off): ``jax.nn.dot_product_attention``; an int: ``chunked_attention``
-      with at most that many queries per block (a CPU option; on accelerators use the fused
-      path).
+    attention: the kernel setting (``attention_ops.AttentionConfig``; default XLA's).
     dtype: compute dtype.
   """
   heads: int
@@ -219,8 +217,7 @@ class Attention(nn.Module):
   out_features: int
   qkv_bias: bool = False
   upcast: bool = False
-  implementation: Optional[str] = None
-  query_chunk: Optional[int] = None
+  attention: AttentionConfig = AttentionConfig()
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -238,6 +235,7 @@ class Attention(nn.Module):
     Returns:
       (B, N, out_features) in ``dtype``.
     """
+    self_attention = context is None
     context = x if context is None else context
     inner = self.heads * self.head_dim
     q = dense(inner, self.dtype, "to_q", self.qkv_bias)(x)
@@ -247,10 +245,8 @@ class Attention(nn.Module):
       out, probs = explicit_attention(q, k, v, self.heads)
       self.sow(ATTENTION_MAPS_COLLECTION, "probs",
                token_attention_maps(probs, token_index, token_mask, spatial_shape))
-    elif self.query_chunk:
-      out = chunked_attention(q, k, v, self.heads, self.query_chunk, self.upcast)
     else:
-      out = fused_attention(q, k, v, self.heads, self.upcast, self.implementation)
+      out = attention(q, k, v, self.heads, self.attention, self.upcast, self_attention)
     return dense(self.out_features, self.dtype, "to_out_0")(out.astype(self.dtype))
 
 
@@ -293,17 +289,15 @@ class BasicTransformerBlock(nn.Module):
     head_dim: head width.
     only_cross_attention: ``attn1`` attends to the text too (diffusers' flag).
     upcast: float32 attention scores.
-    implementation: ``jax.nn.dot_product_attention`` implementation.
+    attention: the kernel setting (see ``Attention``).
     dtype: compute dtype.
-    query_chunk: see ``Attention`` (None: off).
   """
   heads: int
   head_dim: int
   only_cross_attention: bool = False
   upcast: bool = False
-  implementation: Optional[str] = None
+  attention: AttentionConfig = AttentionConfig()
   dtype: Dtype = jnp.float32
-  query_chunk: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, context, capture=False, token_index=None, token_mask=None,
@@ -311,8 +305,7 @@ class BasicTransformerBlock(nn.Module):
     """x: (B, N, C); context: (B, L, D) -> (B, N, C). Only attn2 captures maps."""
     dim = x.shape[-1]
     attn = lambda name: Attention(self.heads, self.head_dim, dim, upcast=self.upcast,
-                                  implementation=self.implementation,
-                                  query_chunk=self.query_chunk, dtype=self.dtype, name=name)
+                                  attention=self.attention, dtype=self.dtype, name=name)
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
                                      use_fast_variance=False, name=name)
     self_context = context if self.only_cross_attention else None
@@ -334,9 +327,8 @@ class Transformer2D(nn.Module):
     only_cross_attention: see BasicTransformerBlock.
     upcast: float32 attention scores.
     capture_size: spatial side whose cross-attention maps are captured (None: all sides).
-    implementation: ``jax.nn.dot_product_attention`` implementation.
+    attention: the kernel setting (see ``Attention``).
     dtype: compute dtype.
-    query_chunk: see ``Attention`` (None: off).
   """
   heads: int
   head_dim: int
@@ -346,9 +338,8 @@ class Transformer2D(nn.Module):
   only_cross_attention: bool = False
   upcast: bool = False
   capture_size: Optional[int] = None
-  implementation: Optional[str] = None
+  attention: AttentionConfig = AttentionConfig()
   dtype: Dtype = jnp.float32
-  query_chunk: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, context, token_index=None, token_mask=None):
@@ -366,7 +357,7 @@ class Transformer2D(nn.Module):
     for i in range(self.num_layers):
       h = BasicTransformerBlock(
           self.heads, self.head_dim, self.only_cross_attention, self.upcast,
-          self.implementation, self.dtype, self.query_chunk, name=f"transformer_blocks_{i}")(
+          self.attention, self.dtype, name=f"transformer_blocks_{i}")(
               h, context, capture, token_index, token_mask, (height, width))
     if self.use_linear_projection:
       h = dense(channels, self.dtype, "proj_out")(h).reshape(batch, height, width, channels)
@@ -384,12 +375,15 @@ class SpatialSelfAttention(nn.Module):
     eps: GroupNorm epsilon.
     rescale_output_factor: final divisor.
     dtype: compute dtype.
+    attention: the kernel setting (``attention_ops.AttentionConfig``; default XLA's). The
+      attention always runs in float32 (diffusers upcasts the VAE's).
   """
   head_dim: int
   groups: int
   eps: float = 1e-6
   rescale_output_factor: float = 1.0
   dtype: Dtype = jnp.float32
+  attention: AttentionConfig = AttentionConfig()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -400,7 +394,7 @@ class SpatialSelfAttention(nn.Module):
     q = dense(channels, self.dtype, "to_q")(h)
     k = dense(channels, self.dtype, "to_k")(h)
     v = dense(channels, self.dtype, "to_v")(h)
-    h = fused_attention(q, k, v, channels // self.head_dim, upcast=True)
+    h = attention(q, k, v, channels // self.head_dim, self.attention, upcast=True)
     h = dense(channels, self.dtype, "to_out_0")(h)
     h = h.reshape(batch, height, width, channels)
     return (h + x.astype(h.dtype)) / self.rescale_output_factor

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from rl4pix_jax.models import layers
+from rl4pix_jax.models.attention_ops import AttentionConfig
 
 Dtype = Any
 
@@ -269,9 +270,8 @@ class _Block(nn.Module):
   config: UNetConfig
   spec: _BlockSpec
   capture_size: Optional[int] = None
-  implementation: Optional[str] = None
+  attention: AttentionConfig = AttentionConfig()
   dtype: Dtype = jnp.float32
-  query_chunk: Optional[int] = None
 
   def resnet(self, name: str, scale: float = 1.0) -> layers.ResnetBlock2D:
     cfg = self.config
@@ -283,8 +283,7 @@ class _Block(nn.Module):
     return layers.Transformer2D(
         spec.heads, spec.out_channels // spec.heads, spec.transformer_layers,
         cfg.norm_num_groups, cfg.use_linear_projection, spec.only_cross_attention,
-        cfg.upcast_attention, self.capture_size, self.implementation, self.dtype,
-        self.query_chunk, name=name)
+        cfg.upcast_attention, self.capture_size, self.attention, self.dtype, name=name)
 
 
 class DownBlock(_Block):
@@ -343,20 +342,16 @@ class UNet2DConditionModel(nn.Module):
     config: the architecture.
     dtype: compute dtype (float32 or bfloat16); parameters stay float32, output is float32.
     remat: wrap each down/mid/up block in ``nn.remat`` (gradient checkpointing).
-    attention_implementation: ``jax.nn.dot_product_attention`` implementation for the fused
-      path (None lets JAX choose; 'cudnn' for flash attention on GPU).
-    attention_query_chunk: None (default): attention through
-      ``jax.nn.dot_product_attention``. An int (e.g. 512):
-      ``attention_ops.chunked_attention`` with at most that many queries per block in every
-      layer that does not capture maps; the
-      same function up to float rounding, a CPU option: 2-3x faster there than the fused
-      path for the 32x32 = 1024-token self-attention (benchmarks/README.md, "Profile").
+    attention: the attention kernels (``attention_ops.AttentionConfig``; default XLA's
+      fused attention in every layer). Run configs build it from ``model.attention``
+      ('auto' picks per backend and layer: Pallas flash attention on TPU for long
+      self-attention, cuDNN on GPU, the blocked path on CPU). Layers that capture
+      cross-attention maps compute explicit probabilities whatever the setting.
   """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
-  attention_implementation: Optional[str] = None
-  attention_query_chunk: Optional[int] = None
+  attention: AttentionConfig = AttentionConfig()
 
   @nn.compact
   def __call__(
@@ -416,9 +411,8 @@ class UNet2DConditionModel(nn.Module):
     context = encoder_hidden_states.astype(self.dtype)
 
     wrap = (lambda cls: nn.remat(cls)) if self.remat else (lambda cls: cls)
-    common = dict(config=cfg, capture_size=capture_size,
-                  implementation=self.attention_implementation, dtype=self.dtype,
-                  query_chunk=self.attention_query_chunk)
+    common = dict(config=cfg, capture_size=capture_size, attention=self.attention,
+                  dtype=self.dtype)
     n = len(cfg.block_out_channels)
     skips = (x,)
     for i, block_type in enumerate(cfg.down_block_types):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rl4pix_jax.models import layers
+from rl4pix_jax.models.attention_ops import AttentionConfig
 
 Dtype = Any
 
@@ -115,6 +116,7 @@ class _MidBlock(nn.Module):
   """UNetMidBlock2D without time embedding: resnet, [self-attention], resnet."""
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention: AttentionConfig = AttentionConfig()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -125,7 +127,7 @@ class _MidBlock(nn.Module):
     x = resnet("resnets_0")(x)
     if cfg.mid_block_add_attention:
       x = layers.SpatialSelfAttention(channels, cfg.norm_num_groups, _EPS, 1.0, self.dtype,
-                                      name="attentions_0")(x)
+                                      self.attention, name="attentions_0")(x)
     return resnet("resnets_1")(x)
 
 
@@ -155,6 +157,7 @@ class Encoder(nn.Module):
   """Images (B, H, W, in_channels) -> (B, H/f, W/f, 2 * latent_channels) moments."""
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention: AttentionConfig = AttentionConfig()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -164,7 +167,7 @@ class Encoder(nn.Module):
     for i, channels in enumerate(cfg.block_out_channels):
       x = _ResampleBlock(cfg, channels, cfg.layers_per_block, "down", i < n - 1, self.dtype,
                          name=f"down_blocks_{i}")(x)
-    x = _MidBlock(cfg, self.dtype, name="mid_block")(x)
+    x = _MidBlock(cfg, self.dtype, self.attention, name="mid_block")(x)
     x = layers.group_norm(cfg.norm_num_groups, _EPS, self.dtype, "conv_norm_out")(x)
     x = layers.activation(cfg.act_fn)(x)
     return layers.conv(2 * cfg.latent_channels, 3, self.dtype, "conv_out")(x)
@@ -174,12 +177,13 @@ class Decoder(nn.Module):
   """Latents (B, h, w, latent_channels) -> images (B, h*f, w*f, out_channels)."""
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention: AttentionConfig = AttentionConfig()
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     cfg = self.config
     x = layers.conv(cfg.block_out_channels[-1], 3, self.dtype, "conv_in")(z)
-    x = _MidBlock(cfg, self.dtype, name="mid_block")(x)
+    x = _MidBlock(cfg, self.dtype, self.attention, name="mid_block")(x)
     reversed_channels = cfg.block_out_channels[::-1]
     for i, channels in enumerate(reversed_channels):
       x = _ResampleBlock(cfg, channels, cfg.layers_per_block + 1, "up",
@@ -195,14 +199,17 @@ class AutoencoderKL(nn.Module):
   Attributes:
     config: the architecture.
     dtype: compute dtype; parameters are float32 and outputs are float32.
+    attention: the mid-block self-attention's kernels (``attention_ops.AttentionConfig``;
+      default XLA's; one head over h * w latent tokens, always float32).
   """
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention: AttentionConfig = AttentionConfig()
 
   def setup(self):
     cfg = self.config
-    self.encoder = Encoder(cfg, self.dtype)
-    self.decoder = Decoder(cfg, self.dtype)
+    self.encoder = Encoder(cfg, self.dtype, self.attention)
+    self.decoder = Decoder(cfg, self.dtype, self.attention)
     if cfg.use_quant_conv:
       self.quant_conv = layers.conv(2 * cfg.latent_channels, 1, self.dtype, "quant_conv")
     if cfg.use_post_quant_conv:

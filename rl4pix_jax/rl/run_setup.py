@@ -67,10 +67,10 @@ def _reward_clip(config: ml_collections.ConfigDict):
 def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLSetup:
   """Builds the RL starting point described in the module docstring."""
   dtype = pipeline.compute_dtype(config.model.dtype)
-  query_chunk = config.model.attention_query_chunk  # None: off
+  attention = pipeline.attention_config(config)
   if config.model.pretrained:
     models, params, tokenizer = pipeline.load_diffusers_editor(
-        config.model.pretrained, dtype, config.model.remat, query_chunk)
+        config.model.pretrained, dtype, config.model.remat, attention)
     text_model, vision_model, clip_params = _reward_clip(config)
     return RLSetup(models, params, tokenizer, text_model, vision_model, clip_params)
   # pylint: disable=import-outside-toplevel
@@ -95,7 +95,7 @@ def rl_setup_from_config(config: ml_collections.ConfigDict, workdir: str) -> RLS
   models = pipeline.build_models(
       UNetConfig.from_dict(dict(unet_meta["models"]["unet"])),
       VAEConfig.from_dict(dict(vae_meta["models"]["vae"])), text_model.config,
-      config.model.scheduler, dtype, config.model.remat, query_chunk)
+      config.model.scheduler, dtype, config.model.remat, attention)
   params = pipeline.EditorParams(unet=unet_params, vae=vae_params,
                                  text_encoder=clip_params["text"])
   return RLSetup(models=models, params=params, tokenizer=load_clip_tokenizer(),

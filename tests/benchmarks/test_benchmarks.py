@@ -128,14 +128,49 @@ def test_parse_cases_orders_and_expands():
     run.parse_cases(["ppo@4"], ["1"])
 
 
-def test_attention_query_chunk_defaults_to_the_blocked_path_on_cpu_only():
-  assert configs.attention_query_chunk(None, "cpu") == configs.CPU_ATTENTION_QUERY_CHUNK
-  assert configs.attention_query_chunk(None, "gpu") is None
-  assert configs.attention_query_chunk(None, "tpu") is None
-  assert configs.attention_query_chunk(0, "cpu") is None
-  assert configs.attention_query_chunk(64, "gpu") == 64
-  with pytest.raises(ValueError, match=">= 0"):
-    configs.attention_query_chunk(-1, "cpu")
+def test_attention_config_takes_the_run_config_numbers_and_the_flag():
+  from configs import shapes  # pylint: disable=import-outside-toplevel
+  model = shapes.get_config().model
+  default = configs.attention_config()
+  assert default.kind == model.attention == "auto"
+  assert (default.flash_min_tokens, default.chunk_queries, default.flash_block) == (
+      model.attention_flash_min_tokens, model.attention_chunk_queries,
+      model.attention_flash_block)
+  assert default.platform is None
+  picked = configs.attention_config("chunked", 64, platform="tpu")
+  assert (picked.kind, picked.chunk_queries, picked.platform) == ("chunked", 64, "tpu")
+  with pytest.raises(ValueError, match="must be one of auto, xla"):
+    configs.attention_config("flash")
+
+
+MEMORY_PLAN_CHECK = """
+from benchmarks import configs, memory_plan
+seen = []
+class Stop(Exception):
+  pass
+def capture(unet, *args, **kwargs):
+  seen.append(unet.attention.kind)
+  raise Stop()
+memory_plan.ppo.make_train_step = capture
+for attention in (None, configs.attention_config("chunked", platform="cpu")):
+  try:
+    memory_plan.plan_variant(configs.BENCHMARK_CONFIGS["tiny"], memory_plan.VARIANTS[0],
+                             [1, 2], 2, log=lambda _: None, attention=attention)
+  except Stop:
+    pass
+print(seen)
+"""
+
+
+def test_memory_plan_builds_the_unet_with_the_attention_setting():
+  """plan_variant hands its ``attention`` to the UNet it compiles (XLA's when not given);
+  stopped at make_train_step, before any compile. In a subprocess: memory_plan and run
+  define the same absl flags."""
+  result = subprocess.run([sys.executable, "-c", MEMORY_PLAN_CHECK], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == "['xla', 'chunked']"
 
 
 def test_host_line_names_model_cores_and_isa_flags():

@@ -1,8 +1,10 @@
-"""The chunked (memory-efficient) attention option: same function as the fused path.
+"""The chunked (memory-efficient) attention path: same function as the fused path.
 
-``attention_ops.chunked_attention`` and ``UNet2DConditionModel(attention_query_chunk=...)`` against
-``attention_ops.fused_attention`` (values and gradients) and against diffusers PyTorch. No timing
-here: the speed figures are in benchmarks/README.md ("Profile"), from benchmarks/profile_unet.py.
+``attention_ops.chunked_attention`` and ``UNet2DConditionModel(attention=AttentionConfig('chunked',
+...))`` against ``attention_ops.fused_attention`` (values and gradients) and against diffusers
+PyTorch; the cuDNN shape rule. No timing here: the speed figures are in benchmarks/README.md
+("Profile"), from benchmarks/profile_unet.py. The Pallas TPU path and the setting's choices per
+backend are in test_attention_paths.py.
 """
 
 import os
@@ -18,6 +20,7 @@ import pytest
 from configs import shapes as shapes_config
 from rl4pix_jax import pipeline
 from rl4pix_jax.models import attention_ops, layers
+from rl4pix_jax.models.attention_ops import AttentionConfig
 from rl4pix_jax.models.clip import CLIPTextConfig
 from rl4pix_jax.models.unet import UNet2DConditionModel, UNetConfig, collect_attention_maps
 from rl4pix_jax.models.vae import VAEConfig
@@ -27,6 +30,10 @@ from tests.helpers import tiny_models
 from tests.models.test_unet import (BATCH, SIDE, TOKENS, build_torch_unet, tolerance, torch_forward,
                              unet_inputs)
 from tests.helpers.paths import REPO_ROOT
+
+
+def chunked(queries: int) -> AttentionConfig:
+  return AttentionConfig("chunked", chunk_queries=queries)
 
 
 def _qkv(seed, queries, keys, width, dtype=jnp.float32):
@@ -86,13 +93,13 @@ def test_chunked_upcast_and_bfloat16():
 
 
 def test_attention_module_with_query_chunk_matches_fused_for_any_chunk():
-  """query_chunk set: the blocked path for every chunk (smaller, equal, larger than N)."""
+  """attention 'chunked': the blocked path for every chunk (smaller, equal, larger than N)."""
   x = jnp.asarray(np.random.RandomState(4).randn(2, 24, 16).astype(np.float32))
   module = layers.Attention(heads=2, head_dim=8, out_features=16)
   params = module.init(jax.random.PRNGKey(0), x)
   ref = module.apply(params, x)
   for chunk in (8, 24, 100):
-    out = layers.Attention(2, 8, 16, query_chunk=chunk).apply(params, x)
+    out = layers.Attention(2, 8, 16, attention=chunked(chunk)).apply(params, x)
     np.testing.assert_allclose(out, ref, atol=float_rounding_bound(ref))
 
 
@@ -128,10 +135,10 @@ def test_unet_query_chunk_matches_diffusers_and_default(tiny_chunked):
   default = np.asarray(jax.jit(UNet2DConditionModel(config).apply)(
       params, sample, timesteps, context))
   # 48 divides neither 16x16 = 256 nor the mid block's 8x8 = 64 queries: padded last blocks.
-  model = UNet2DConditionModel(config, attention_query_chunk=48)
+  model = UNet2DConditionModel(config, attention=chunked(48))
   out = np.asarray(jax.jit(model.apply)(params, sample, timesteps, context))
   diff = np.abs(out - ref).max()
-  print(f"UNet attention_query_chunk=48 vs diffusers: max abs diff {diff:.3g}, "
+  print(f"UNet attention=chunked, 48 queries vs diffusers: max abs diff {diff:.3g}, "
         f"max |ref| {np.abs(ref).max():.3g}")
   assert diff <= tolerance(ref)
   np.testing.assert_allclose(out, default, atol=1e-5 * (1 + np.abs(default).max()))
@@ -142,7 +149,7 @@ def test_unet_query_chunk_gradients_match_default(tiny_chunked):
   sample, timesteps, context = unet_inputs(seed=3)
 
   def loss_and_grad(chunk):
-    model = UNet2DConditionModel(config, attention_query_chunk=chunk)
+    model = UNet2DConditionModel(config, attention=chunked(chunk) if chunk else AttentionConfig())
     loss = lambda p: jnp.mean(model.apply(p, sample, timesteps, context) ** 2)
     return jax.jit(jax.value_and_grad(loss))(params)
 
@@ -159,7 +166,7 @@ def test_unet_query_chunk_keeps_attention_capture(tiny_chunked):
   token_index = np.tile(np.arange(TOKENS, dtype=np.int32), (BATCH, 1))
 
   def run(chunk):
-    model = UNet2DConditionModel(config, attention_query_chunk=chunk)
+    model = UNet2DConditionModel(config, attention=chunked(chunk) if chunk else AttentionConfig())
     return jax.jit(lambda p: model.apply(p, sample, timesteps, context, token_index,
                                          capture_size=SIDE, mutable=["attention_maps"]))(params)
 
@@ -170,39 +177,53 @@ def test_unet_query_chunk_keeps_attention_capture(tiny_chunked):
 
 
 def test_build_models_and_config_key_pass_the_option():
-  """pipeline.build_models (used by run_setup with config.model.attention_query_chunk)."""
+  """pipeline.build_models and pipeline.attention_config (run_setup passes one to the other)."""
   parts = (UNetConfig.from_diffusers(tiny_models.TINY_UNET),
            VAEConfig.from_diffusers(rl_fixtures.VAE),
            CLIPTextConfig.from_transformers(rl_fixtures.TEXT, projection_dim=32),
            shapes_config.get_config().model.scheduler)
-  assert pipeline.build_models(*parts).unet.attention_query_chunk is None  # off by default
-  models = pipeline.build_models(*parts, attention_query_chunk=32)
-  assert models.unet.attention_query_chunk == 32
+  default = pipeline.build_models(*parts)
+  assert default.unet.attention.kind == default.vae.attention.kind == "xla"  # the library's
+  run_config = shapes_config.get_config()
+  setting = pipeline.attention_config(run_config)
+  assert setting == AttentionConfig(
+      "auto", flash_min_tokens=run_config.model.attention_flash_min_tokens,
+      chunk_queries=run_config.model.attention_chunk_queries,
+      flash_block=run_config.model.attention_flash_block)
+  models = pipeline.build_models(*parts, attention=setting)
+  assert models.unet.attention is setting and models.vae.attention is setting
 
 
 def test_benchmark_cli_flag():
-  """benchmarks.run --attention_query_chunk builds our UNet with the option (no timing check)."""
+  """benchmarks.run --attention / --attention_chunk_queries build our UNet (no timing check)."""
   root = REPO_ROOT
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.run", "--config=tiny", "--cases=forward",
-       "--batches=1", "--reps=1", "--skip_torch", "--attention_query_chunk=16"],
+       "--batches=1", "--reps=1", "--skip_torch", "--attention=chunked",
+       "--attention_chunk_queries=16"],
       cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "attention_query_chunk=16" in result.stdout
+  assert "attention=chunked chunk_queries=16" in result.stdout
   assert any(line.startswith("| UNet forward | 1 |") for line in result.stdout.splitlines())
 
 
 def test_cudnn_request_falls_back_to_xla_where_cudnn_refuses():
-  pick = attention_ops.attention_implementation_for
-  assert pick("cudnn", 4096, jnp.bfloat16) == "cudnn"
-  assert pick("cudnn", 77, jnp.bfloat16) == "xla"  # CLIP's odd token count
-  assert pick("cudnn", 64, jnp.float32) == "xla"  # cuDNN takes half precision only
-  assert pick(None, 77, jnp.bfloat16) is None
-  assert pick("xla", 64, jnp.bfloat16) == "xla"
+  accepts = attention_ops.cudnn_accepts
+  assert accepts(4096, 40, jnp.bfloat16) and accepts(4096, 80, jnp.float16)
+  assert not accepts(77, 40, jnp.bfloat16)  # CLIP's odd token count
+  assert not accepts(64, 40, jnp.float32)  # cuDNN takes half precision only
+  assert not accepts(64, 12, jnp.bfloat16)  # head width not a multiple of 8
+  assert not accepts(64, 160, jnp.bfloat16) and accepts(64, 160, jnp.bfloat16, 256)  # Hopper
+  assert attention_ops.cudnn_max_head_dim("cpu") == 128
+  pick = lambda keys, dtype: attention_ops.choose_attention(
+      AttentionConfig("cudnn"), 64, keys, 8, dtype, self_attention=False)
+  assert pick(4096, jnp.bfloat16) == "cudnn"
+  assert pick(77, jnp.bfloat16) == "xla" and pick(64, jnp.float32) == "xla"
   # A 'cudnn' layer over 77 keys runs (through XLA) on any backend and matches the default.
   q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key, shape in zip(
       jax.random.split(jax.random.PRNGKey(3), 3), [(1, 16, 8), (1, 77, 8), (1, 77, 8)]))
   np.testing.assert_array_equal(
-      np.asarray(attention_ops.fused_attention(q, k, v, 2, implementation="cudnn"), np.float32),
+      np.asarray(attention_ops.attention(q, k, v, 2, AttentionConfig("cudnn"),
+                                         self_attention=False), np.float32),
       np.asarray(attention_ops.fused_attention(q, k, v, 2), np.float32))
