@@ -49,8 +49,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # AttentionConfig; benchmarks/README.md "Attention paths"): auto | xla | cudnn | pallas_tpu |
   # chunked. auto: Pallas flash attention on TPU for self-attention over >= flash_min_tokens
   # tokens, cuDNN flash attention on GPU where cuDNN takes the shape, the blocked (chunked)
-  # path on CPU, XLA otherwise. Layers that record attention maps always compute explicit
-  # probabilities. All paths give the same values up to float rounding.
+  # path on CPU for layers of more than attention_chunk_queries queries (XLA for fewer, so
+  # the default's 8x8-latent layers run as before), XLA otherwise. Layers that record
+  # attention maps always compute explicit probabilities. All paths give the same values up
+  # to float rounding.
   c.model.attention = "auto"
   c.model.attention_flash_min_tokens = 4096  # 64x64 latents (512 px), as maxdiffusion
   # Queries per block of the chunked path: the fastest measured for the benchmarks' `small`

@@ -304,7 +304,9 @@ class AttentionConfig:
     'auto': per backend and layer shape (``choose_attention``): on TPU the Pallas flash
       kernel for self-attention over >= ``flash_min_tokens`` tokens, XLA otherwise; on GPU
       cuDNN flash attention where cuDNN takes the shape (``cudnn_accepts``), XLA otherwise
-      (CLIP's 77-token cross-attention); on CPU the blocked path; XLA elsewhere.
+      (CLIP's 77-token cross-attention); on CPU the blocked path for more than
+      ``chunk_queries`` queries, XLA for fewer (one block would hold the whole layer); XLA
+      elsewhere.
     'xla': ``jax.nn.dot_product_attention(implementation='xla')`` (materialises the scores).
     'cudnn': cuDNN flash attention where cuDNN takes the shape, XLA elsewhere.
     'pallas_tpu': the Pallas TPU kernel in every layer (on a CPU only in interpret mode).
@@ -387,8 +389,8 @@ def choose_attention(config: AttentionConfig, queries: int, keys: int, head_dim:
     return config.kind
   if platform == "tpu":
     return "pallas_tpu" if self_attention and queries >= config.flash_min_tokens else "xla"
-  if platform == "cpu":
-    return "chunked"
+  if platform == "cpu":  # blocks where they split the queries; the default's 64-token layers: XLA
+    return "chunked" if queries > config.chunk_queries else "xla"
   return "xla"
 
 

@@ -64,9 +64,12 @@ def test_attention_config_names_the_valid_values():
     ("cuda", 64, 64, 80, jnp.float16, True, "cudnn"),
     ("gpu", 4096, 77, 40, jnp.bfloat16, False, "xla"),
     ("gpu", 4096, 4096, 40, jnp.float32, True, "xla"),
-    # CPU: the blocked path, self- and cross-attention alike.
+    # CPU: the blocked path where it splits the queries (more than chunk_queries), self- and
+    # cross-attention alike; XLA for the default's 64-token layers (one block would be all).
     ("cpu", 1024, 1024, 8, jnp.float32, True, "chunked"),
     ("cpu", 1024, 77, 8, jnp.float32, False, "chunked"),
+    ("cpu", 64, 64, 8, jnp.float32, True, "xla"),
+    ("cpu", 64, 77, 8, jnp.float32, False, "xla"),
 ])
 def test_auto_picks_per_backend_and_layer_shape(platform, queries, keys, head_dim, dtype,
                                                  self_attention, path):
