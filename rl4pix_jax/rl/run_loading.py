@@ -33,8 +33,30 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not files.exists(path):
     raise RunLoadingError(f"No run config at {path!r}: --workdir must be a folder written by "
                           "`python -m launch.train` (it holds config.json and checkpoints/).")
-  return layout.resolve_run_config(ml_collections.ConfigDict(json.loads(files.read_text(path))),
-                                   workdir)
+  config = upgrade_attention_keys(ml_collections.ConfigDict(json.loads(files.read_text(path))))
+  return layout.resolve_run_config(config, workdir)
+
+
+def upgrade_attention_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A run config saved before ``model.attention`` existed, given the setting it ran with.
+
+  Such runs recorded ``model.attention_query_chunk``: None meant XLA's attention in every
+  layer, an int n the chunked path with n queries per block. They become ``attention='xla'``
+  or ``'chunked'`` with ``attention_chunk_queries=n`` (the flash numbers unset: neither kind
+  reads them), so an old run edits and evaluates with the program it was trained with.
+  Configs that have ``model.attention`` are returned unchanged.
+  """
+  model = config.get("model")
+  if model is None or "attention" in model:
+    return config
+  chunk = model.get("attention_query_chunk")
+  model.attention = "xla" if chunk is None else "chunked"
+  model.attention_chunk_queries = chunk
+  model.attention_flash_min_tokens = None
+  model.attention_flash_block = None
+  if "attention_query_chunk" in model:
+    del model["attention_query_chunk"]
+  return config
 
 
 def checkpoint_epochs(workdir: str, keep: int = 1) -> list:

@@ -59,3 +59,22 @@ def test_a_copied_stage_based_run_loads_and_a_missing_stage_names_where(tmp_path
   assert f"{experiment / 'unet'}" in message and "no unet checkpoint" in message
   assert "model_config.json" in message and "model.stages_dir" in message
   assert "launch.pretrain" not in message  # not advice to train from scratch
+
+
+@pytest.mark.parametrize("chunk, kind", [(None, "xla"), (256, "chunked")])
+def test_a_run_saved_before_the_attention_setting_loads_with_the_path_it_ran(tmp_path, chunk,
+                                                                             kind):
+  """config.json of a run from before ``model.attention`` (it had attention_query_chunk)."""
+  from rl4pix_jax import pipeline  # pylint: disable=import-outside-toplevel
+  saved = shapes.get_config().to_dict()
+  for key in ("attention", "attention_flash_min_tokens", "attention_chunk_queries",
+              "attention_flash_block"):
+    del saved["model"][key]
+  saved["model"]["attention_query_chunk"] = chunk
+  (tmp_path / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+  config = run_loading.read_run_config(str(tmp_path))
+  assert "attention_query_chunk" not in config.model
+  attention = pipeline.attention_config(config)
+  assert (attention.kind, attention.chunk_queries) == (kind, chunk)
+  current = shapes.get_config()
+  assert run_loading.upgrade_attention_keys(current).model.attention == "auto"  # unchanged
