@@ -132,10 +132,27 @@ def metric_curves(series: Dict[str, Sequence[float]],
   if hi - lo < 1e-12:
     lo, hi = lo - 0.5, hi + 0.5
   width, height = size
-  left, right, top, bottom = 70, 20, 30, 50
+  left, right, top = 70, 20, 30
   canvas = Image.new("RGB", size, (255, 255, 255))
   draw = ImageDraw.Draw(canvas)
   font = _font()
+  # Legend rows under the x axis: entries flow left to right and wrap before the right edge;
+  # the plot area shrinks by one text line per extra row.
+  legend_rows, row = [], []
+  x = left + 10
+  for name in rows:
+    extent = draw.textlength(name, font=font)
+    if row and x + extent > width - right:
+      legend_rows.append(row)
+      row, x = [], left + 10
+    row.append((name, x))
+    x += extent + 24
+  legend_rows.append(row)
+  bottom = 36 + 14 * len(legend_rows)
+  colour_of = {name: CURVE_COLOURS[k % len(CURVE_COLOURS)] for k, name in enumerate(rows)}
+  for r, entries in enumerate(legend_rows):
+    for name, x in entries:
+      draw.text((x, height - bottom + 20 + 14 * r), name, fill=colour_of[name], font=font)
   draw.text((left, 8), title, fill=(0, 0, 0), font=font)
   draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
   all_xs = np.concatenate([x for x in xs_of.values()]) if xs_of else np.zeros(0)
@@ -163,7 +180,6 @@ def metric_curves(series: Dict[str, Sequence[float]],
       draw.line(pts, fill=colour, width=2)
     for px, py in pts:
       draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-    draw.text((left + 10 + 150 * k, height - 20), name, fill=colour, font=font)
   if x_label:
     draw.text(((width - 6 * len(x_label)) // 2, height - bottom + 4), x_label,
               fill=(60, 60, 60), font=font)

@@ -84,3 +84,12 @@ def test_plot_runs_writes_one_figure_of_several_runs(tmp_path):
     plot_runs.plot_runs([a, b], ["x"], "val_success", str(output))
   with pytest.raises(ValueError, match="--metric=val_clip_t"):
     plot_runs.plot_runs([a], None, "val_clip_t", str(output))
+
+
+def test_metric_curves_legend_wraps_instead_of_running_off_the_image():
+  names = [f"a long run label number {k}" for k in range(5)]
+  image = visualize.metric_curves({n: [0.1 * k, 0.2] for k, n in enumerate(names)},
+                                  size=(400, 240))
+  legend = np.asarray(image)[-80:]  # the legend rows under the x axis labels
+  for colour in visualize.CURVE_COLOURS[:5]:  # every label is drawn on the image
+    assert np.all(legend == np.asarray(colour, np.uint8), axis=-1).any(), colour
