@@ -28,6 +28,8 @@ MODULE_ROOTS = {"rl4pix_jax/rewards/builtin.py": {"config": "reward"}}
 # Names called ``config`` that are not the run config: (module, function) -> why.
 NOT_RUN_CONFIG = {
     ("rl4pix_jax/workdir/stages.py", "stage_complete"): "a stage's model_config.json dict",
+    ("rl4pix_jax/rl/run_loading.py", "upgrade_attention_keys"):
+        "an old run's saved config.json, which may lack keys that configs/shapes.py has now",
 }
 CONFIG_METHODS = set(dir(ml_collections.ConfigDict))
 SECTIONS = {k for k, v in shapes.get_config().items() if isinstance(v, ml_collections.ConfigDict)}
