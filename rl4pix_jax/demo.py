@@ -13,6 +13,7 @@ instruction) raises ``DemoInputError``; the page shows its message instead of th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import io
@@ -279,6 +280,21 @@ def error_message(error: Exception) -> str:
 
 # ---- the page -----------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _no_pyi_written_by_gradio():
+  """Gradio's component metaclass writes a ``.pyi`` stub next to the source file of every
+  component subclass (``gradio.component_meta.create_or_modify_pyi``): defining one here would
+  write ``rl4pix_jax/demo.pyi`` into the package (a stale copy of this file once it changes).
+  For the classes defined inside this block it does nothing; the original is put back after."""
+  from gradio import component_meta  # pylint: disable=import-outside-toplevel
+  original = component_meta.create_or_modify_pyi
+  component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+  try:
+    yield
+  finally:
+    component_meta.create_or_modify_pyi = original
+
+
 def build_app(editors: DemoEditors, title: str = "rl4pix_jax: starting vs RL editor"):
   """The Gradio Blocks of the page (``launch.demo`` serves it).
 
@@ -288,16 +304,17 @@ def build_app(editors: DemoEditors, title: str = "rl4pix_jax: starting vs RL edi
   """
   import gradio as gr  # pylint: disable=import-outside-toplevel
 
-  class UploadedImage(gr.Image):
-    """gr.Image whose unreadable upload reaches ``edit`` (as an error) instead of failing in
-    Gradio's own preprocessing with a bare "Error" box; drawn by the frontend's image widget."""
-    is_template = True  # get_block_name: the parent's ("image")
+  with _no_pyi_written_by_gradio():
+    class UploadedImage(gr.Image):
+      """gr.Image whose unreadable upload reaches ``edit`` (as an error) instead of failing in
+      Gradio's own preprocessing with a bare "Error" box; drawn by the frontend's image widget."""
+      is_template = True  # get_block_name: the parent's ("image")
 
-    def preprocess(self, payload):
-      try:
-        return super().preprocess(payload)
-      except Exception as e:  # pylint: disable=broad-except
-        return UnreadableUpload(getattr(payload, "orig_name", None) or "the upload", e)
+      def preprocess(self, payload):
+        try:
+          return super().preprocess(payload)
+        except Exception as e:  # pylint: disable=broad-except
+          return UnreadableUpload(getattr(payload, "orig_name", None) or "the upload", e)
 
   labels = [NO_SCENE] + editors.scene_labels()
   sampler = editors.sampler

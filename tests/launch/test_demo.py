@@ -142,3 +142,13 @@ def test_launch_demo_flags_are_one_line_errors(tmp_path):
                           env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_building_the_page_writes_nothing_into_the_package(editors):
+  """Gradio writes a .pyi stub next to the source of each component subclass; the page's
+  UploadedImage is defined so that none lands next to rl4pix_jax/demo.py."""
+  stub = os.path.splitext(demo.__file__)[0] + ".pyi"
+  if os.path.exists(stub):
+    os.remove(stub)  # a stub an older build_app left: it would hide what this test checks
+  demo.build_app(editors)
+  assert not os.path.exists(stub)
