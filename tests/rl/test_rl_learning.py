@@ -9,19 +9,16 @@ over the control (mean of the last two epochs) must exceed twice the control's s
 deviation over epochs, i.e. what sampling alone moves the reward by (0.002 for preservation,
 0.021 for attention, measured), and the run must end above where it started.
 
-Two rewards:
-- ``preservation`` (registered; -mean |edit - source| outside the edit mask), a function of
-  the edited pixels: PPO's likelihood-ratio gradient alone (8 epochs; measured -0.0446 ->
-  -0.032 against a flat control at -0.045 +- 0.002).
-- the attention-map reward (KL(mask || map), the default's distance), which reads maps that
-  the UNet's weights produce directly: with ``ppo.attention_pathwise_weight`` = 1 (4 epochs;
-  measured over 8: -2.258 -> -0.687 against a control at -2.26 +- 0.02). Without the pathwise
-  term it did not rise (8 epochs ended 0.015 below the control; README, "Rewards").
+The reward tested: the attention-map reward (KL(mask || map), the default's distance), which
+reads maps that the UNet's weights produce directly, with ``ppo.attention_pathwise_weight`` = 1 (4 epochs;
+measured over 8: -2.258 -> -0.687 against a control at -2.26 +- 0.02). Without the pathwise
+term it did not rise (8 epochs ended 0.015 below the control; README, "Rewards"). The
+``preservation`` reward (-mean |edit - source| outside the mask) is not tested here any more:
+see the note above the test.
 """
 
 import ml_collections
 import numpy as np
-import pytest
 
 from configs import shapes as shapes_config
 from rl4pix_jax.rl import run_setup
@@ -80,17 +77,11 @@ def check_rise(curves, epochs):
   assert rl[-2:].mean() > rl[:2].mean(), rl
 
 
-# The preservation case was fitted on the previous shipped editor (-0.0446 -> -0.032 in 8 epochs
-# vs a control at -0.045 +- 0.002). The editor shipped on 2026-12-02 already preserves far more
-# (start -0.0305) and this 8-epoch PPO recipe no longer moves it: measured gain over the control
-# -0.0006 against 2 x its spread 0.002. Kept running (not strict) so that a recipe which learns it
-# again shows as XPASS; the RL-recipe issue owns making it pass.
-PRESERVATION_NO_LONGER_LEARNS = pytest.mark.xfail(
-    strict=False, reason="the 8-epoch recipe does not raise preservation on the new editor "
-    "(gain -0.0006 vs 2 x spread 0.002)")
-
-
-@pytest.mark.parametrize("reward,epochs", [
-    pytest.param("preservation", 8, marks=PRESERVATION_NO_LONGER_LEARNS), ("attention", 4)])
-def test_reward_rises_over_the_control(tmp_path, reward, epochs):
-  check_rise(reward_curves(tmp_path, reward, epochs), epochs)
+# The preservation reward's case (8 epochs, the previous shipped editor: -0.0446 -> -0.032 against
+# a control at -0.045 +- 0.002) no longer learns on the editor shipped on 2026-12-02, which
+# already preserves far more (start -0.0305; gain over the control -0.0006 against 2 x its spread
+# 0.002). It ran as a non-strict xfail, 495 s of CI that could not fail, and is no longer run:
+# `learning_config(..., reward="preservation")` and `check_rise` still give it to whoever finds a
+# recipe that learns it (the RL-recipe issue owns that).
+def test_attention_reward_rises_over_the_control(tmp_path):
+  check_rise(reward_curves(tmp_path, "attention", 4), 4)
