@@ -34,16 +34,24 @@ A gs:// workdir goes through ``rl4pix_jax/workdir/files.py`` and Orbax; a local
 
 What to expect. One epoch = ``train.num_sample_batches x train.sample_batch_size`` = 64 edits
 (16 MagicBrush examples x 4 samples), 20 DDIM steps each under 3-way guidance, then one PPO pass
-in minibatches of 16. Memory per chip is NOT measured for this config (bfloat16, 256 px): the
-memory plan (``benchmarks/memory_plan.py``) compiles one row in 2-6 minutes on 2 CPU cores and
-has been run only for the float32 512 px SD1.5 UNet, where the CPU compile gives 3.2 GiB of
-parameters, 6.4 GiB of AdamW moments (full) and ~35 GiB of activations per edit of the PPO
-batch (CPU materialises the 4096x4096 self-attention scores; see docs/scaling_out.md, "Memory
-plan"). Those figures are an upper bound, not a plan for a TPU core; check them with the TPU
-compiler's ``memory_analysis()`` before trusting a batch size. Time per epoch is not measured
-either. The PPO numbers below are DDPO's published LoRA / full fine-tuning values and the reward
-weights (and ``ppo.attention_pathwise_weight``) are the shapes default's: none is tuned on
-MagicBrush yet.
+in minibatches of 16. Memory per chip, compiled (not run) by the memory plan
+(``python -m benchmarks.memory_plan --run_config=configs/ip2p_magicbrush.py:<variant>``, CPU
+compiler, 8 forced devices; docs/scaling_out.md, "Memory plan of the real run", has every row):
+
+  variant     v5e-8 (16 GiB/chip)          v4-8 (32 GiB/chip)
+  lora        PPO step 16.4 GiB: no (103%)  18.9 GiB: fits (59%)
+  full        17.3 GiB with remat: no       23.5 GiB with remat: fits (73%)
+  lora,512    30.9 GiB: no                  40.2 GiB: no
+  full,512    42.5 GiB with remat: no       67.1 GiB with remat: no
+
+(per chip, PPO step peak with the replicated VAE, text encoder and reward CLIP; sampling
+peaks at 7.5-14.8 GiB and fits everywhere.) So the defaults run on a v4-8 at 256 px. On a
+v5e-8, shard LoRA's frozen UNet over the 8 chips (``--config.mesh.fsdp=8``: PPO step 14.5 GiB,
+fits at 91%). At 512 px, use more chips with 1 edit each. These are the CPU compiler's figures: on the TPU VM,
+``--run_config_backend=default`` gives the TPU compiler's own. Time per epoch is not measured
+(no TPU here). The PPO numbers below are DDPO's published LoRA / full fine-tuning values, and
+the reward weights (and ``ppo.attention_pathwise_weight``) are the shapes default's: none is
+tuned on MagicBrush yet.
 """
 
 import ml_collections

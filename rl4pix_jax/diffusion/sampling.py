@@ -332,7 +332,9 @@ def make_trajectory_sampler(
   With a mesh, the batch (conditioning, initial latents, every per-example output) is
   split over its batch axes (``parallel.batch_sharding``: 'data' and 'fsdp') and the params are placed as ``param_shardings`` says
   (replicated by default); the PRNG key and guidance scales are replicated. The same
-  global batch and key give the same trajectory on any number of devices.
+  global batch and key give the same trajectory on any number of devices. With a mesh the
+  returned function's ``jitted`` attribute is the jitted ``fn(params, cond, key, guidance,
+  initial_latents)`` itself (initial latents required), for lowering without data.
   """
 
   def fn(params, cond, key, guidance, initial_latents=None):
@@ -358,4 +360,5 @@ def make_trajectory_sampler(
       initial_latents = jax.random.normal(init_key, shape, jnp.float32)
     return jitted(params, cond, key, guidance, initial_latents)
 
+  call.jitted = jitted  # lowered on abstract arguments by benchmarks/memory_plan.py
   return call

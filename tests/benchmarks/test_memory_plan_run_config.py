@@ -1,0 +1,136 @@
+"""benchmarks/memory_plan.py --run_config: a run config's sampler and PPO step compiled for a TPU
+slice's device count, per-device bytes from XLA's memory analysis.
+
+In a subprocess: the plan needs 8 CPU devices (``jax_num_cpu_devices``, fixed when the backend
+starts) and memory_plan defines absl flags that other benchmark modules define too. The
+configs/ip2p_magicbrush.py variants are planned with a tiny UNet in place of SD1.5's, at
+64 px, so that the three programs compile in seconds. The per-device state bytes of the plan are
+checked against an independent count: the real train state placed by the trainer's own
+``train_state.place_policy`` on the same 8-device mesh, measured on device 0.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.paths import REPO_ROOT as ROOT
+
+PLAN = r"""
+import json
+import jax
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", 8)
+from benchmarks import configs, memory_plan
+from configs import ip2p_magicbrush
+from rl4pix_jax import parallel
+from rl4pix_jax.rl import train_state
+
+def tiny_config(variant):
+  c = ip2p_magicbrush.get_config(variant)
+  c.resolution = 64                     # 8x8 latents: the tiny UNet's cross-attention side
+  c.sampler.capture_size = 8
+  c.sampler.num_steps = 2
+  c.train.sample_batch_size = 16
+  c.train.train_batch_size = 8
+  c.mesh.fsdp_min_size = 256            # the tiny UNet's kernels are small: shard them too
+  c.model.dtype = "float32"
+  return c
+
+tiny = configs.BENCHMARK_CONFIGS["tiny"]["unet"]
+slices = {s.name: s for s in memory_plan.SLICES}
+out = {}
+for variant in ("full", "lora"):
+  config = tiny_config(variant)
+  rows = [memory_plan.plan_run_config(config, slices["v5e-8"], False, log=lambda _: None,
+                                      unet_spec=tiny)]
+  if variant == "full":
+    rows.append(memory_plan.plan_run_config(config, slices["v4-8"], True, with_sampler=False,
+                                            log=lambda _: None, unet_spec=tiny))
+  # Independent count: the trainer's placement of real params on the v5e-8 mesh, device 0.
+  unet = memory_plan.run_unet(config, False, tiny)
+  params = unet.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 8, 8, 8)),
+                     jax.numpy.zeros((1,), jax.numpy.int32),
+                     jax.numpy.zeros((1, 77, 32)))["params"]
+  mesh = parallel.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+  placed = train_state.place_policy(config, params, mesh, jax.random.PRNGKey(1))
+  on_device0 = lambda tree: sum(
+      s.data.nbytes for x in jax.tree_util.tree_leaves(tree) for s in x.addressable_shards
+      if s.device == jax.devices()[0])
+  out[variant] = dict(
+      rows=[dict(mesh=list(r.mesh), state=r.state, frozen=r.frozen, towers=r.towers,
+                 sampled_in_state=r.sampled_in_state, sampler_batch=r.sampler_batch,
+                 ppo_batch=r.ppo_batch, sampling_peak=r.sampling_peak(),
+                 training_peak=r.training_peak(),
+                 sampler=None if r.sampler is None else r.sampler.__dict__,
+                 ppo_step=r.ppo_step.__dict__) for r in rows],
+      placed_state=on_device0(placed.state),
+      placed_frozen=0 if placed.frozen is None else on_device0(placed.frozen),
+      placed_unet=on_device0(placed.unet_params),
+      table=memory_plan.format_run_table(rows))
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def plan():
+  result = subprocess.run([sys.executable, "-c", PLAN], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def test_state_bytes_per_device_match_the_trainers_placement(plan):
+  for variant in ("full", "lora"):
+    row = plan[variant]["rows"][0]
+    assert row["state"] == plan[variant]["placed_state"], variant
+    assert row["frozen"] == plan[variant]["placed_frozen"], variant
+  # full: the sampled params are the state's own, FSDP-sharded like the placed UNet.
+  assert plan["full"]["rows"][0]["sampled_in_state"] == plan["full"]["placed_unet"]
+  assert plan["lora"]["rows"][0]["sampled_in_state"] == 0
+
+
+def test_mesh_and_batch_per_device_follow_the_config_and_the_slice(plan):
+  v5e, v4 = plan["full"]["rows"]
+  assert v5e["mesh"] == [2, 4] and v4["mesh"] == [1, 4]   # fsdp=4 (full), data takes the rest
+  assert (v5e["sampler_batch"], v5e["ppo_batch"]) == (16 // 8, 8 // 8)
+  assert v4["ppo_batch"] == 8 // 4 and v4["sampler"] is None
+  assert plan["lora"]["rows"][0]["mesh"] == [8, 1]
+
+
+def test_program_peaks_hold_their_arguments_and_grow_with_the_batch(plan):
+  for variant in ("full", "lora"):
+    row = plan[variant]["rows"][0]
+    step, sampler = row["ppo_step"], row["sampler"]
+    # The step's arguments are the state, the frozen UNet and the minibatch.
+    assert step["arguments"] >= row["state"] + row["frozen"]
+    assert step["temporaries"] > 0 and sampler["temporaries"] > 0
+    assert row["training_peak"] == (step["arguments"] + step["outputs"] - step["aliased"]
+                                    + step["temporaries"] + row["towers"])
+    assert row["sampling_peak"] == (sampler["arguments"] + sampler["outputs"]
+                                    - sampler["aliased"] + sampler["temporaries"] + row["state"]
+                                    - row["sampled_in_state"] + row["frozen"] + row["towers"])
+  # The donated state comes back in its own buffers.
+  assert plan["full"]["rows"][0]["ppo_step"]["aliased"] >= plan["full"]["placed_state"]
+  # Twice the edits per device on v4-8 (remat on there, which only lowers activations):
+  # more temporaries per device only if the batch term dominates; at least the batch arrays.
+  v5e, v4 = plan["full"]["rows"]
+  assert v4["ppo_step"]["arguments"] > v5e["ppo_step"]["arguments"]
+
+
+def test_the_towers_are_the_real_runs_vae_text_encoder_and_reward_clip(plan):
+  # SD1.5 VAE 83.65M + CLIP ViT-L/14 text 123.06M + reward CLIP ViT-L/14 427.62M parameters,
+  # float32 (the published counts of those checkpoints).
+  expected = (83_653_863 + 123_060_480 + 427_616_513) * 4
+  assert abs(plan["full"]["rows"][0]["towers"] - expected) / expected < 0.01
+
+
+def test_table_says_whether_each_row_fits(plan):
+  table = plan["full"]["table"]
+  assert table.count("\n") == 3  # header, rule, two rows
+  assert "v5e-8 (8, 16 GiB)" in table and "v4-8 (4, 32 GiB)" in table
+  assert "yes (" in table  # a tiny UNet fits
