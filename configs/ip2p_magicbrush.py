@@ -47,7 +47,8 @@ compiler, 8 forced devices; docs/scaling_out.md, "Memory plan of the real run", 
 (per chip, PPO step peak with the replicated VAE, text encoder and reward CLIP; sampling
 peaks at 7.5-14.8 GiB and fits everywhere.) So the defaults run on a v4-8 at 256 px. On a
 v5e-8, shard LoRA's frozen UNet over the 8 chips (``--config.mesh.fsdp=8``: PPO step 14.5 GiB,
-fits at 91%). At 512 px, use more chips with 1 edit each. These are the CPU compiler's figures: on the TPU VM,
+fits at 91%), or halve the minibatch (``--config.train.train_batch_size=8``: 14.2 GiB, 89%).
+At 512 px, use more chips with 1 edit each. These are the CPU compiler's figures: on the TPU VM,
 ``--run_config_backend=default`` gives the TPU compiler's own. Time per epoch is not measured
 (no TPU here). The PPO numbers below are DDPO's published LoRA / full fine-tuning values, and
 the reward weights (and ``ppo.attention_pathwise_weight``) are the shapes default's: none is
