@@ -83,6 +83,13 @@ def run_file(run_folder: str) -> str:
   return path
 
 
+def run_id(run_folder: str) -> str:
+  """The W&B run id of an offline run folder, from its ``run-<id>.wandb`` file. (Not from the
+  folder's name: wandb names it ``offline-run-<time>-<id>`` and appends ``-1``, ``-2``, ... when
+  a run of the same id started in the same second, e.g. a quick resume.)"""
+  return os.path.basename(run_file(run_folder))[len("run-"):-len(".wandb")]
+
+
 def images(rows, name: str) -> list:
   """The history rows that logged an image under ``name``."""
   return [r for r in rows if r.get(f"{name}/_type") == "image-file"]

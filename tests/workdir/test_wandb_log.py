@@ -59,7 +59,7 @@ def test_resumed_run_continues_its_wandb_run_with_every_metric_and_picture(tmp_p
   with open(os.path.join(workdir, wandb_log.RUN_FILE), encoding="utf-8") as f:
     assert json.load(f)["name"] == "tiny"
   runs = wandb_files.offline_runs(workdir)
-  assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), runs
+  assert len(runs) == 2 and all(wandb_files.run_id(r) == run_id for r in runs), runs
   first, resumed = _rows(runs[0]), _rows(runs[1])
   wandb_files.assert_logged(MetricsLog(workdir, enabled=False).read(), first + resumed)
   assert [r["epoch"] for r in wandb_files.images(first, "samples")] == [0, 1]
@@ -77,8 +77,8 @@ def test_fresh_start_opens_a_new_wandb_run_and_config_checks(tmp_path, monkeypat
   again = wandb_log.from_config(config, str(tmp_path), resume=False)  # no checkpoint: new run
   again.close()
   assert again.run_id != first.run_id
-  assert {r[-8:] for r in wandb_files.offline_runs(str(tmp_path))} == {first.run_id,
-                                                                        again.run_id}
+  assert {wandb_files.run_id(r) for r in wandb_files.offline_runs(str(tmp_path))} == {
+      first.run_id, again.run_id}
   assert wandb_log.recorded_run_id(str(tmp_path)) == again.run_id
   assert wandb_log.from_config(rl_fixtures.tiny_rl_config(), str(tmp_path), resume=True) is None
   config_validation.validate_run_config(config)
