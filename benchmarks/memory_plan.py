@@ -49,7 +49,8 @@ from rl4pix_jax.models import clip as clip_lib
 from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.models import vae as vae_lib
 from rl4pix_jax.rl import ppo
-from rl4pix_jax.rl.compiled import sampler_config_from
+from rl4pix_jax.rl.compiled import ppo_step_config, sampler_config_from
+from rl4pix_jax.rl.train_state import needs_frozen_unet
 
 GIB = 2 ** 30
 CAPACITIES_GB = {"16 GB (TPU v4/v5e core)": 16e9, "80 GB GPU": 80e9}
@@ -371,17 +372,10 @@ def plan_run_config(config: ml_collections.ConfigDict, slice_: Slice, remat: boo
       key)
   rules = parallel.default_sharding_rules(int(config.mesh.fsdp_min_size))
   unet_shardings = parallel.param_shardings(params, mesh, rules)
-  step_config = ppo.PPOConfig.from_config(config.ppo)
-  if step_config.pathwise and config.reward.attention_weight == 0:
-    step_config = dataclasses.replace(step_config, attention_pathwise_weight=0.0)
-  state, frozen = jax.eval_shape(lambda k, p: ppo.init_train_state(k, p, step_config), key,
-                                 params)
+  step_config = ppo_step_config(config)
+  state = jax.eval_shape(lambda k, p: ppo.init_train_state(k, p, step_config)[0], key, params)
   state_shardings = ppo.train_state_shardings(state, mesh, rules)
-  # As train_state.place_policy: a frozen UNet for LoRA's base and for the KL reference.
-  if not (step_config.trainable == "lora" or step_config.kl_weight > 0):
-    frozen = None
-  elif frozen is None:
-    frozen = params
+  frozen = params if needs_frozen_unet(step_config) else None  # as train_state.place_policy
   frozen_shardings = unet_shardings if frozen is not None else None
   schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())
   sampler_config = sampler_config_from(config)
@@ -399,7 +393,7 @@ def plan_run_config(config: ml_collections.ConfigDict, slice_: Slice, remat: boo
                                                param_shardings=unet_shardings)
     sampler_memory = program_memory(
         sampler.jitted, params, abstract_conditioning(b, side, length, dim, tokens=tokens), key,
-        guidance, jax.ShapeDtypeStruct((b, side, side, 4), f32))
+        guidance, jax.ShapeDtypeStruct((b, side, side, unet.config.out_channels), f32))
     log(f"  {tag}: sampler, {b // batch_devices} edits/device: peak "
         f"{sampler_memory.peak / GIB:.2f} GiB ({sampler_memory.compile_s:.0f} s compile)")
   b = int(config.train.train_batch_size)

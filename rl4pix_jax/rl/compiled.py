@@ -46,6 +46,18 @@ def reward_with_map_gradient(reward_fn: Callable) -> Callable:
   return fn
 
 
+def ppo_step_config(config: ml_collections.ConfigDict) -> ppo.PPOConfig:
+  """The train step's ``PPOConfig``: ``config.ppo``, with the pathwise term switched off (and
+  a warning) when there is no attention reward to differentiate."""
+  step_config = ppo.PPOConfig.from_config(config.ppo)
+  if step_config.pathwise and config.reward.attention_weight == 0:
+    logging.warning("ppo.attention_pathwise_weight=%g is inactive: reward.attention_weight is "
+                    "0, so there is no attention reward to differentiate.",
+                    step_config.attention_pathwise_weight)
+    step_config = dataclasses.replace(step_config, attention_pathwise_weight=0.0)
+  return step_config
+
+
 @dataclasses.dataclass
 class EpochFunctions:
   """What an epoch calls.
@@ -86,12 +98,7 @@ def compile_epoch_functions(config: ml_collections.ConfigDict, setup: RLSetup,
   frozen_params = replicate(setup.params.replace(unet={}), mesh)
   sampler = sampling.make_trajectory_sampler(models.unet, models.schedule, sampler_config, mesh,
                                              param_shardings=placed.unet_shardings)
-  step_config = ppo.PPOConfig.from_config(config.ppo)
-  if step_config.pathwise and config.reward.attention_weight == 0:
-    logging.warning("ppo.attention_pathwise_weight=%g is inactive: reward.attention_weight is "
-                    "0, so there is no attention reward to differentiate.",
-                    step_config.attention_pathwise_weight)
-    step_config = dataclasses.replace(step_config, attention_pathwise_weight=0.0)
+  step_config = ppo_step_config(config)
   train_step = ppo.make_train_step(models.unet, models.schedule, sampler_config, step_config,
                                    mesh, state_shardings=placed.state_shardings,
                                    frozen_shardings=placed.frozen_shardings)

@@ -42,6 +42,12 @@ class PlacedPolicy:
   frozen_shardings: Any
 
 
+def needs_frozen_unet(step_config: ppo.PPOConfig) -> bool:
+  """Whether the train step holds a frozen copy of the starting UNet: "lora" (its base) and
+  any run with the KL penalty (its reference policy); "full" without KL holds none."""
+  return step_config.trainable == "lora" or step_config.kl_weight > 0
+
+
 def place_policy(config: ml_collections.ConfigDict, initial_unet: Any, mesh: jax.sharding.Mesh,
                  base_key: jax.Array) -> PlacedPolicy:
   """Places the UNet and initialises the train state with ``fold_in(base_key, 1)``.
@@ -58,11 +64,7 @@ def place_policy(config: ml_collections.ConfigDict, initial_unet: Any, mesh: jax
   state_shardings = ppo.train_state_shardings(
       jax.eval_shape(init_state, init_key, unet_params), mesh, rules)
   state = jax.jit(init_state, out_shardings=state_shardings)(init_key, unet_params)
-  # "lora": the frozen base is the sharded UNet; "full": none, unless the KL penalty needs the
-  # starting UNet as its reference policy.
-  step_config = ppo.PPOConfig.from_config(config.ppo)
-  frozen = (unet_params if step_config.trainable == "lora" or step_config.kl_weight > 0
-            else None)
+  frozen = unet_params if needs_frozen_unet(ppo.PPOConfig.from_config(config.ppo)) else None
   frozen_shardings = unet_shardings if frozen is not None else None
   return PlacedPolicy(state, state_shardings, unet_params, unet_shardings, frozen,
                       frozen_shardings)
