@@ -121,6 +121,14 @@ class DDIMSchedule:
     return self.num_train_timesteps // int(num_inference_steps)
 
 
+def is_stochastic(schedule: DDIMSchedule, timestep, prev_timestep, eta) -> jnp.ndarray:
+  """Whether the step x_t -> x_{t-1} samples (sigma_t > MIN_LOG_PROB_STD), bool, shaped as
+  ``timestep``. A step with sigma_t = 0 (eta = 0, or the last step when the schedule ends at
+  alpha_prev = 1, ``set_alpha_to_one``) is deterministic: its log-density is a delta, so a PPO
+  ratio or KL there only measures the floor dividing float rounding."""
+  return ddim_std(schedule, timestep, prev_timestep, eta) > MIN_LOG_PROB_STD
+
+
 def _alpha_prev(schedule: DDIMSchedule, prev_timestep: jnp.ndarray) -> jnp.ndarray:
   safe = jnp.clip(prev_timestep, 0, schedule.num_train_timesteps - 1)
   return jnp.where(prev_timestep >= 0, schedule.alphas_cumprod[safe],

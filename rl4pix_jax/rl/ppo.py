@@ -6,7 +6,11 @@ visited by one ``jax.lax.scan`` that re-scores every sample at its own timestep 
 same guided policy that sampled (``sampling.rescore_step``), and the gradients of the
 clipped PPO loss are accumulated in the scan carry, averaged and applied in ONE optax
 update. Log-probs are DDPO's per-dimension mean (see ``ddim``), so ``clip_range`` (1e-4 in
-DDPO) is in that unit.
+DDPO) is in that unit. A visited step that is deterministic (sigma_t = 0: eta = 0, or a
+schedule that ends at alpha_prev = 1, as ``set_alpha_to_one`` does in the last step) is not an
+action of the policy: its ratio and KL are set to 1 and 0 (``ddim.is_stochastic``). Scored
+with the floored sigma they would divide the rounding of two forwards by 1e-12: measured, a
+bfloat16 LoRA run at epoch 0, when the policy equals the base, gave approx_kl 1.2e9.
 
 Trainable sets: ``"full"`` trains every UNet parameter; ``"lora"`` trains only LoRA adapters
 on the attention projections (``rl4pix_jax.rl.lora``), merged into the frozen UNet inside the
@@ -186,7 +190,7 @@ def train_window(num_steps: int, start: float, end: float) -> Tuple[int, int]:
 
 
 def ppo_loss(log_probs_new: jnp.ndarray, log_probs_old: jnp.ndarray, advantages: jnp.ndarray,
-             clip_range: float, adv_clip_max: float
+             clip_range: float, adv_clip_max: float, weights: Optional[jnp.ndarray] = None
              ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """The clipped PPO surrogate of a batch of (sample, step) log-probs.
 
@@ -196,25 +200,32 @@ def ppo_loss(log_probs_new: jnp.ndarray, log_probs_old: jnp.ndarray, advantages:
     advantages: (...) float, broadcastable to the log-probs (e.g. (B,) with (B,) log-probs).
     clip_range: epsilon; the ratio is clipped to [1 - eps, 1 + eps].
     adv_clip_max: advantages are clipped to [-adv_clip_max, adv_clip_max] first.
+    weights: optional 0/1 float (...), broadcastable to the log-probs: a 0 entry (a
+      deterministic step, ``ddim.is_stochastic``) adds 0 to the loss and the metrics, which
+      stay means over every entry. None: all ones.
 
   Returns:
-    ``(loss, metrics)``: loss = mean(max(-A r, -A clip(r, 1-eps, 1+eps))) with
+    ``(loss, metrics)``: loss = mean(w max(-A r, -A clip(r, 1-eps, 1+eps))) with
     r = exp(new - old), a float32 scalar; metrics ``loss``, ``approx_kl`` =
-    0.5 mean((new - old)^2) and ``clipfrac`` = mean(|r - 1| > eps), float32 scalars.
+    0.5 mean(w (new - old)^2) and ``clipfrac`` = mean(w [|r - 1| > eps]), float32 scalars.
   """
   log_probs_new = jnp.asarray(log_probs_new, jnp.float32)
   log_probs_old = jnp.asarray(log_probs_old, jnp.float32)
   adv = jnp.clip(jnp.asarray(advantages, jnp.float32), -adv_clip_max, adv_clip_max)
   adv = jnp.broadcast_to(adv, log_probs_new.shape)
-  delta = log_probs_new - log_probs_old
+  w = (jnp.ones_like(log_probs_new) if weights is None
+       else jnp.broadcast_to(jnp.asarray(weights, jnp.float32), log_probs_new.shape))
+  # A zero-weight entry's delta is zeroed before exp: its ratio is 1, so neither its value
+  # nor its gradient (even an overflowing one) reaches the loss.
+  delta = jnp.where(w > 0, log_probs_new - log_probs_old, 0.0)
   ratio = jnp.exp(delta)
   unclipped = -adv * ratio
   clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-  loss = jnp.mean(jnp.maximum(unclipped, clipped))
+  loss = jnp.mean(w * jnp.maximum(unclipped, clipped))
   metrics = {
       "loss": loss,
-      "approx_kl": 0.5 * jnp.mean(jax.lax.stop_gradient(delta)**2),
-      "clipfrac": jnp.mean((jnp.abs(jax.lax.stop_gradient(ratio) - 1.0) > clip_range)
+      "approx_kl": 0.5 * jnp.mean(w * jax.lax.stop_gradient(delta)**2),
+      "clipfrac": jnp.mean(w * (jnp.abs(jax.lax.stop_gradient(ratio) - 1.0) > clip_range)
                            .astype(jnp.float32)),
   }
   return loss, metrics
@@ -393,9 +404,9 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
   Returns:
     ``(grads, metrics)``: grads (float32, structure of ``trainable_params``) of the loss
     averaged over the K = ceil(W * timestep_fraction) visited positions of the W-step
-    window (each a mean over the B samples); metrics ``loss``, ``approx_kl``, ``clipfrac``
-    and ``kl`` (mean KL to the reference policy; 0 when kl_weight is 0) averaged the same
-    way. With kl_weight > 0 the loss adds ``kl_weight * kl`` and ``frozen_params`` is the
+    window (each a mean over the B samples; a deterministic step adds 0); metrics ``loss``,
+    ``approx_kl``, ``clipfrac`` and ``kl`` (mean KL to the reference policy; 0 when
+    kl_weight is 0) averaged the same way. With kl_weight > 0 the loss adds ``kl_weight * kl`` and ``frozen_params`` is the
     reference policy's UNet (the LoRA base; the initial UNet for "full").
   """
   c = PPOConfig.from_config(ppo_config)
@@ -421,10 +432,15 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
     new, maps, kl = sampling.rescore_step_and_kl(
         unet, unet_params, reference_params, schedule, batch.cond, batch.guidance, latents,
         next_latents, timestep, timestep - step_ratio, sampler_config.eta, capture_side)
-    loss, metrics = ppo_loss(new, old, batch.advantages, c.clip_range, c.adv_clip_max)
+    # Deterministic steps (sigma_t = 0) are not actions of the policy: no ratio, no KL.
+    stochastic = ddim.is_stochastic(schedule, timestep, timestep - step_ratio,
+                                    sampler_config.eta).astype(jnp.float32)  # (B,)
+    loss, metrics = ppo_loss(new, old, batch.advantages, c.clip_range, c.adv_clip_max,
+                             stochastic)
     if kl is None:
       metrics["kl"] = jnp.zeros((), jnp.float32)
     else:
+      kl = jnp.where(stochastic > 0, kl, 0.0)
       metrics["kl"] = jax.lax.stop_gradient(jnp.mean(kl))
       loss = loss + c.kl_weight * jnp.mean(kl)
       metrics["loss"] = jax.lax.stop_gradient(loss)

@@ -166,3 +166,22 @@ def test_step_kl_matches_gaussians_from_diffusers(config):
     same = ddim.step_kl(ours, jnp.asarray(out_1), jnp.asarray(out_1), t, prev_t,
                         jnp.asarray(sample), eta)
     np.testing.assert_array_equal(same, 0.0)
+
+
+def test_is_stochastic_marks_the_steps_with_zero_sigma():
+  """T=3 leading steps (667, 334, 1): the last step goes to alpha_prev = alphas_cumprod[0]
+  (set_alpha_to_one=False, SD's config), whose sigma > 0, or to alpha_prev = 1 (True), where
+  sigma = eta sqrt((1 - 1) / ...) = 0; eta = 0 makes every step deterministic."""
+  base = ddim.default_scheduler_config()
+  steps = jnp.asarray([667, 334, 1])
+  prev = steps - 333
+  sd = ddim.DDIMSchedule.from_config(base)
+  to_one = ddim.DDIMSchedule.from_config(dict(base, set_alpha_to_one=True))
+  assert ddim.is_stochastic(sd, steps, prev, 1.0).tolist() == [True, True, True]
+  assert ddim.is_stochastic(to_one, steps, prev, 1.0).tolist() == [True, True, False]
+  assert ddim.is_stochastic(sd, steps, prev, 0.0).tolist() == [False, False, False]
+  # The last SD step's sigma by hand: sqrt((1 - a0) / (1 - a1) * (1 - a1 / a0)).
+  a = np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
+  want = np.sqrt((1 - a[0]) / (1 - a[1]) * (1 - a[1] / a[0]))
+  np.testing.assert_allclose(ddim.ddim_std(sd, 1, -332, 1.0), want, rtol=1e-3)
+  assert want > 100 * ddim.MIN_LOG_PROB_STD

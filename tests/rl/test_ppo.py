@@ -55,6 +55,23 @@ def test_ratio_one_gives_minus_mean_advantage():
   np.testing.assert_allclose(loss, -np.mean([5.0, -5.0]), rtol=1e-6)
 
 
+def test_zero_weight_entries_add_nothing():
+  """weights = (1, 0, 1): the middle entry's huge log-ratio (an overflowing exp) is dropped;
+  the loss and metrics are the two kept entries' terms divided by all 3 entries."""
+  new = jnp.array([0.1, 500.0, -0.2])
+  old = jnp.zeros(3)
+  adv = jnp.array([1.0, 1.0, -2.0])
+  eps = 0.5
+  loss, metrics = ppo.ppo_loss(new, old, adv, eps, 5.0, weights=jnp.array([1.0, 0.0, 1.0]))
+  r0, r2 = math.exp(0.1), math.exp(-0.2)  # both inside [1 - eps, 1 + eps]
+  np.testing.assert_allclose(loss, (-1.0 * r0 + 2.0 * r2) / 3, rtol=1e-6)
+  np.testing.assert_allclose(metrics["approx_kl"], 0.5 * (0.1 ** 2 + 0.2 ** 2) / 3, rtol=1e-6)
+  assert float(metrics["clipfrac"]) == 0.0
+  grad = jax.grad(lambda n: ppo.ppo_loss(n, old, adv, eps, 5.0, jnp.array([1.0, 0.0, 1.0]))[0])(
+      new)
+  np.testing.assert_allclose(grad, [-r0 / 3, 0.0, 2.0 * r2 / 3], rtol=1e-6)
+
+
 @pytest.mark.parametrize("adv", [2.0, -2.0])
 @pytest.mark.parametrize("ratio_over_eps", [-2.0, -1.0, -0.5, 0.5, 1.0, 2.0])
 def test_clipping_at_and_beyond_both_boundaries(adv, ratio_over_eps):
@@ -551,3 +568,30 @@ def test_kl_penalty_needs_the_reference(setup):
                                                                    setup["params"]), config)[0]
   with pytest.raises(ValueError, match="KL reference"):
     step(state, None, setup["batch_with"]([1.0, 0.0]), jax.random.PRNGKey(0))
+
+
+def test_deterministic_last_step_is_not_trained(setup):
+  """With set_alpha_to_one=True the last of the T=3 steps has sigma = 0. Trained alone
+  (window [0.7, 1]) with its stored log-prob moved by +50 (any rescore then differs from it),
+  the step adds nothing: loss, approx_kl, clipfrac and the gradient are 0. The same batch with
+  the first step's log-prob moved trains (the step is stochastic there)."""
+  schedule = ddim.DDIMSchedule.from_config(dict(ddim.default_scheduler_config(),
+                                                set_alpha_to_one=True))
+  config = ppo.PPOConfig(trainable="full", clip_range=0.2, kl_weight=0.0,
+                         attention_pathwise_weight=0.0, train_window_start=0.7)
+  tx = recording_sgd(SGD_LR)
+  step = ppo.make_train_step(setup["unet"], schedule, SAMPLER, config, optimizer=tx)
+  params = jax.tree.map(jnp.asarray, setup["params"])
+  batch = setup["batch_with"]([1.0, -1.0])
+  moved = batch.replace(log_probs=batch.log_probs.at[:, T - 1].add(50.0))
+  state = ppo.init_train_state(jax.random.PRNGKey(0), params, config, optimizer=tx)[0]
+  _, metrics = step(state, None, moved, jax.random.PRNGKey(1))
+  for name in ("loss", "approx_kl", "clipfrac", "grad_norm"):
+    assert float(metrics[name]) == 0.0, (name, float(metrics[name]))
+  first = ppo.PPOConfig(trainable="full", clip_range=0.2, kl_weight=0.0,
+                        attention_pathwise_weight=0.0, train_window_end=0.3)
+  step_first = ppo.make_train_step(setup["unet"], schedule, SAMPLER, first, optimizer=tx)
+  moved_first = batch.replace(log_probs=batch.log_probs.at[:, 0].add(50.0))
+  state = ppo.init_train_state(jax.random.PRNGKey(0), params, first, optimizer=tx)[0]
+  _, metrics = step_first(state, None, moved_first, jax.random.PRNGKey(1))
+  assert float(metrics["approx_kl"]) > 100 and float(metrics["clipfrac"]) == 1.0
