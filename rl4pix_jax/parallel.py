@@ -386,6 +386,32 @@ def shard_params(params: PyTree, shardings: PyTree) -> PyTree:
   return jax.tree.map(place, params, shardings)
 
 
+def describe_placement(tree: PyTree) -> str:
+  """One line on how a placed tree of ``jax.Array``s lies on its devices.
+
+  E.g. ``"412 arrays, 96 sharded (81% of 3.2 GiB); 1.9 GiB on device 0"``: the leaves whose
+  sharding splits them, their share of the tree's global bytes, and the bytes that the first
+  addressable device holds (its shards of every leaf).
+  """
+  leaves = [x for x in jax.tree_util.tree_leaves(tree) if isinstance(x, jax.Array)]
+  total = sum(x.nbytes for x in leaves)
+  split = [x for x in leaves if not x.sharding.is_fully_replicated]
+  device = jax.local_devices()[0] if leaves else None
+  on_device = sum(s.data.nbytes for x in leaves for s in x.addressable_shards
+                  if s.device == device)
+  share = 100.0 * sum(x.nbytes for x in split) / total if total else 0.0
+  return (f"{len(leaves)} arrays, {len(split)} sharded ({share:.0f}% of {_bytes(total)}); "
+          f"{_bytes(on_device)} on device {device.id if device else 0}")
+
+
+def _bytes(count: float) -> str:
+  for unit in ("B", "KiB", "MiB"):
+    if count < 1024:
+      return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+    count /= 1024
+  return f"{count:.1f} GiB"
+
+
 def global_batch_from_process_local(batch: PyTree, mesh: Mesh,
                                     sharding: Optional[NamedSharding] = None) -> PyTree:
   """Assembles global arrays from the rows each process loaded.

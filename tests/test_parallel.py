@@ -239,6 +239,15 @@ def test_shard_params_and_global_batch_on_one_device():
     parallel.global_batch_from_process_local({"step": np.int32(3)}, mesh)
 
 
+def test_describe_placement_on_one_device():
+  placed = parallel.shard_params({"w": np.zeros((2, 3), np.float32), "b": np.zeros(300, np.int8)},
+                                 {"w": parallel.replicated(parallel.make_mesh()),
+                                  "b": parallel.replicated(parallel.make_mesh())})
+  assert parallel.describe_placement(placed) == (
+      "2 arrays, 0 sharded (0% of 324 B); 324 B on device 0")
+  assert parallel.describe_placement({}) == "0 arrays, 0 sharded (0% of 0 B); 0 B on device 0"
+
+
 # ------------------------------------------------------------------------------ subprocesses
 
 
@@ -326,6 +335,7 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
         "max_abs_diff": diff,
         "uneven_error": uneven_error,
         "max_abs_param": max(float(np.max(np.abs(a))) for a in jax.tree.leaves(p1)),
+        "placement": parallel.describe_placement(p8),
     }))
 """)
 
@@ -349,6 +359,10 @@ def test_eight_cpu_devices_fsdp_update_matches_one_device():
   # with eps=1e-8). A wrong reduction (the gradient of 8 of the 16 samples, as if shards were
   # dropped) moves params by 6.9e-3: the bound, 1e-5 of the largest param, catches it.
   assert result["max_abs_diff"] < 1e-5 * max(1.0, result["max_abs_param"])
+  # By hand: float32 leaves of 576 + 16 + 32768 + 32 + 32 + 1 = 33425 elements (130.6 KiB);
+  # the two sharded kernels hold 33344 of them (99.8%); device 0 has half of each sharded
+  # kernel plus every replicated leaf: (16672 + 81) x 4 B = 65.4 KiB.
+  assert result["placement"] == "6 arrays, 2 sharded (100% of 130.6 KiB); 65.4 KiB on device 0"
   assert result["uneven_error"].startswith("Batch leaf 'x' of local shape (6, 8, 8, 4) does not "
                                            "split as P(('data', 'fsdp'),)")
 

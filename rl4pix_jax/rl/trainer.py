@@ -120,6 +120,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   base_key = jax.random.PRNGKey(config.seed)
   placed = place_policy(config, setup.params.unet, mesh, base_key)
   state, frozen = placed.state, placed.frozen
+  placement = (f"Mesh {dict(mesh.shape)} over {mesh.size} devices. Train state: "
+               f"{parallel.describe_placement(state)}. Frozen UNet: "
+               f"{'none' if frozen is None else parallel.describe_placement(frozen)}.")
   tracker = advantages_lib.PerPromptStatTracker(config.ppo.stat_buffer_size,
                                                 config.ppo.stat_min_count)
   start_epoch, host, unreadable = 0, None, []
@@ -164,6 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
   files.makedirs(workdir)  # local or gs:// (workdir.files)
   if is_main:
     print(f"[rl4pix_jax] {sizes.describe()}", flush=True)
+    print(f"[rl4pix_jax] {placement}", flush=True)
     # Where the stages, data and base model are, so the folder can be moved (layout.py).
     files.write_text(layout.run_config_path(workdir), layout.portable_run_config(
         config, workdir).to_json_best_effort(indent=2, sort_keys=True))
