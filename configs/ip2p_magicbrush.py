@@ -29,6 +29,11 @@ Commands::
   python -m launch.evaluate --workdir=runs/ip2p_full --dataset=magicbrush ...
   python -m launch.export --workdir=runs/ip2p_full --output=exported/
 
+``tests/launch/test_sd15_rehearsal.py`` runs exactly the worker command of ``tpu_vm.sh train``
+with this config on CPU (8 forced devices, ``--config.mesh.fsdp=2``, a tiny random pipeline of
+SD1.5's structure, a tiny MagicBrush), then ``launch.evaluate`` and ``launch.export``, and loads
+the export in diffusers (docs/scaling_out.md, "Checks and their figures").
+
 A gs:// workdir goes through ``rl4pix_jax/workdir/files.py`` and Orbax; a local
 ``data.data_dir`` is the tested setup (docs/scaling_out.md, "Run folders", says what is checked).
 

@@ -6,8 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 import tensorflow_datasets as tfds
@@ -21,6 +19,7 @@ from rl4pix_jax.data import shapes
 from rl4pix_jax.data import shapes_check
 from rl4pix_jax.data import shapes_edit_builder
 from rl4pix_jax.workdir import datasets
+from tests.helpers.magicbrush_parquet import encoded, write_parquet  # pylint: disable=unused-import
 from tests.helpers.paths import REPO_ROOT
 
 
@@ -41,15 +40,6 @@ def test_tmpdir_at_points_both_and_restores(tmp_path, monkeypatch):
     with datasets.tmpdir_at(tmp_path / "other"):
       raise RuntimeError("restored on errors too")
   assert "TMPDIR" not in os.environ and tempfile.tempdir == before
-
-
-def encoded(array, fmt="PNG", mode=None):
-  image = Image.fromarray(array)
-  if mode:
-    image = image.convert(mode)
-  buffer = io.BytesIO()
-  image.save(buffer, format=fmt)
-  return buffer.getvalue()
 
 
 def random_rgb(height=24, width=32, seed=0):
@@ -301,11 +291,6 @@ def magicbrush_rows():
       row("bad-mask", 1, "add a hat", mask_img=encoded(np.zeros((8, 8), np.uint8))),
       row("bad-empty", 1, "   "),
   ]
-
-
-def write_parquet(folder, name, rows):
-  os.makedirs(folder, exist_ok=True)
-  pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, name))
 
 
 def test_magicbrush_record_conversions():

@@ -67,6 +67,60 @@ def save_tiny_diffusers_pipeline(folder: str, seed: int = 0) -> None:
   pipe.save_pretrained(folder)
 
 
+# The SD1.5 / InstructPix2Pix UNet's block structure with its widths shrunk from
+# (320, 640, 1280, 1280): four levels (CrossAttnDown x3 + Down, the mirror going up), two
+# resnets per level, 8 attention heads, 8 input channels. 64 px images -> 8x8 latents.
+TINY_SD15_UNET = dict(
+    in_channels=8, out_channels=4, sample_size=8,
+    block_out_channels=[16, 32, 32, 32], layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+# SD1.x's noise levels, as timbrooks/instruct-pix2pix's scheduler/scheduler_config.json has
+# them under its Euler-ancestral class (the run reads only the noise levels and options).
+IP2P_SCHEDULER_CONFIG = dict(
+    _class_name="EulerAncestralDiscreteScheduler", num_train_timesteps=1000,
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", trained_betas=None,
+    prediction_type="epsilon", steps_offset=1)
+
+
+def save_tiny_sd15_pipeline(folder: str, seed: int = 0) -> None:
+  """Writes a tiny random InstructPix2Pix pipeline (PyTorch) with SD1.5's structure.
+
+  ``TINY_SD15_UNET``; a four-level VAE (4 DownEncoderBlock2D, two resnets each, /8, widths
+  16-32); a 2-layer CLIP text encoder over the real vocabulary; the packaged tokenizer;
+  ``IP2P_SCHEDULER_CONFIG``. Weights perturbed with seeded noise as in
+  ``save_tiny_diffusers_pipeline``.
+  """
+  import diffusers  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  from rl4pix_jax.tokenizer import load_clip_tokenizer  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(seed)
+  unet = diffusers.UNet2DConditionModel(**TINY_SD15_UNET)
+  vae = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
+      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+      layers_per_block=2, norm_num_groups=8, sample_size=64)
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+      eos_token_id=49407, pad_token_id=49407))
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for model in (unet, vae, text_encoder):
+      for param in model.parameters():
+        param.add_(0.05 * torch.randn(param.shape, generator=generator))
+  scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(IP2P_SCHEDULER_CONFIG)
+  pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
+      vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
+      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  pipe.save_pretrained(folder)
+
+
 def save_tiny_clip_model(folder: str, seed: int = 0) -> None:
   """Writes a tiny random transformers CLIPModel (32 px images, real CLIP vocabulary)."""
   import torch  # pylint: disable=import-outside-toplevel

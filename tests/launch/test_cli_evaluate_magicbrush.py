@@ -20,8 +20,9 @@ from rl4pix_jax.data import loader
 from rl4pix_jax.metrics import image_metrics
 from rl4pix_jax.rl import run_loading
 from rl4pix_jax.tokenizer import load_clip_tokenizer
-from tests.data.test_data_builders import encoded, tfds_tmpdir, write_parquet
-from tests.helpers import tiny_models
+from tests.data.test_data_builders import tfds_tmpdir
+from tests.helpers import magicbrush_parquet, tiny_models
+from tests.helpers.magicbrush_parquet import write_parquet
 from tests.launch.test_cli_edit import run_cli, tiny_run  # pylint: disable=unused-import
 
 pytest.importorskip("torch")
@@ -39,28 +40,8 @@ INSTRUCTIONS = {"300-1": "change the cat to a dog", "300-2": "remove the red car
 
 def _rows(rng, ids, corrupt=()):
   """Parquet rows in the osunlp/MagicBrush columns; turn k's source is turn k-1's target."""
-  side = 40  # not the evaluation resolution: the sources and targets are resized to it
-  mask = np.zeros((side, side, 3), np.uint8)
-  mask[8:24, 8:24] = 255
-  targets = {}
-  rows = []
-  for example_id in ids:
-    img_id, turn = example_id.split("-")
-    source = targets.get(f"{img_id}-{int(turn) - 1}")
-    if source is None:
-      source = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-    target = np.clip(source.astype(np.int32) + rng.integers(-60, 60, source.shape), 0,
-                     255).astype(np.uint8)
-    targets[example_id] = target
-    rows.append(dict(
-        img_id=img_id, turn_index=int(turn),
-        source_img={"bytes": b"\x89PNG broken" if example_id in corrupt else encoded(source),
-                    "path": None},
-        mask_img={"bytes": encoded(mask), "path": None},
-        instruction=INSTRUCTIONS.get(example_id, "remove the red car"),
-        target_img={"bytes": encoded(target, "JPEG" if turn == "2" else "PNG"),
-                    "path": None}))
-  return rows
+  # 40 px: not the evaluation resolution, the sources and targets are resized to it.
+  return magicbrush_parquet.session_rows(rng, ids, INSTRUCTIONS, corrupt, side=40)
 
 
 @pytest.fixture(scope="module")
