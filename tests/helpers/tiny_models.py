@@ -37,34 +37,10 @@ def save_tiny_diffusers_pipeline(folder: str, seed: int = 0) -> None:
   text encoder over the real CLIP vocabulary, the packaged tokenizer and the SD DDIM config.
   Every weight is perturbed with seeded noise so that no zero/one init hides a bug.
   """
-  import diffusers  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-
   from rl4pix_jax.diffusion import ddim  # pylint: disable=import-outside-toplevel
-  from rl4pix_jax.tokenizer import load_clip_tokenizer  # pylint: disable=import-outside-toplevel
-
-  torch.manual_seed(seed)
-  unet = diffusers.UNet2DConditionModel(**TINY_UNET)
-  vae = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-      layers_per_block=1, norm_num_groups=8, sample_size=32)
-  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-      num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
-      eos_token_id=49407, pad_token_id=49407))
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for model in (unet, vae, text_encoder):
-      for param in model.parameters():
-        param.add_(0.05 * torch.randn(param.shape, generator=generator))
-  scheduler = diffusers.DDIMScheduler.from_config(ddim.default_scheduler_config())
-  pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
-      vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
-      scheduler=scheduler, safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
-  pipe.save_pretrained(folder)
+  _save_random_pipeline(folder, seed, TINY_UNET, vae_widths=(32, 64), vae_layers=1,
+                        image_side=32, scheduler=dict(ddim.default_scheduler_config(),
+                                                      _class_name="DDIMScheduler"))
 
 
 # The SD1.5 / InstructPix2Pix UNet's block structure with its widths shrunk from
@@ -92,6 +68,15 @@ def save_tiny_sd15_pipeline(folder: str, seed: int = 0) -> None:
   ``IP2P_SCHEDULER_CONFIG``. Weights perturbed with seeded noise as in
   ``save_tiny_diffusers_pipeline``.
   """
+  _save_random_pipeline(folder, seed, TINY_SD15_UNET, vae_widths=(16, 16, 32, 32),
+                        vae_layers=2, image_side=64, scheduler=IP2P_SCHEDULER_CONFIG)
+
+
+def _save_random_pipeline(folder, seed, unet_config, vae_widths, vae_layers, image_side,
+                          scheduler):
+  """An InstructPix2Pix pipeline of random (seeded, perturbed) weights saved to ``folder``:
+  UNet ``unet_config``, a VAE of ``len(vae_widths)`` levels, a 2-layer CLIP text encoder,
+  the packaged tokenizer and the scheduler class and config ``scheduler`` names."""
   import diffusers  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
@@ -99,11 +84,13 @@ def save_tiny_sd15_pipeline(folder: str, seed: int = 0) -> None:
   from rl4pix_jax.tokenizer import load_clip_tokenizer  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(seed)
-  unet = diffusers.UNet2DConditionModel(**TINY_SD15_UNET)
+  unet = diffusers.UNet2DConditionModel(**unet_config)
+  levels = len(vae_widths)
   vae = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
-      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-      layers_per_block=2, norm_num_groups=8, sample_size=64)
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_widths),
+      down_block_types=("DownEncoderBlock2D",) * levels,
+      up_block_types=("UpDecoderBlock2D",) * levels,
+      layers_per_block=vae_layers, norm_num_groups=8, sample_size=image_side)
   text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
       vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
       num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
@@ -113,11 +100,12 @@ def save_tiny_sd15_pipeline(folder: str, seed: int = 0) -> None:
     for model in (unet, vae, text_encoder):
       for param in model.parameters():
         param.add_(0.05 * torch.randn(param.shape, generator=generator))
-  scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(IP2P_SCHEDULER_CONFIG)
+  scheduler_class = getattr(diffusers, scheduler["_class_name"])
   pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
       vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
-      scheduler=scheduler, safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
+      scheduler=scheduler_class.from_config(
+          {k: v for k, v in scheduler.items() if k != "_class_name"}),
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(folder)
 
 
