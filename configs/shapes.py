@@ -126,6 +126,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ---- policy rollout -----------------------------------------------------------------
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_steps = 10
+  # DDIM eta of the RL rollouts: > 0 (at 0 no step samples, so PPO has nothing to score;
+  # a step whose sigma_t is 0 is left out of the PPO ratio and KL, see docs/method.md "PPO").
   c.sampler.eta = 1.0
   # Chosen on validation (check_edit success, eta=0). Previous editor, 96 edits: text/image
   # guidance 7.5/1.5 -> 0.21, 7.5/2.5 -> 0.25, 4.0/1.5 -> 0.29, 3.0/1.2 -> 0.30. Current editor,

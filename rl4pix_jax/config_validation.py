@@ -130,6 +130,11 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
   check_int(config, "sampler.num_steps", 1,
             timesteps if _is_int(timesteps) else None, example=10)
   check_real(config, "sampler.eta", 0.0, example=1.0)
+  if _get(config, "sampler.eta") == 0:
+    raise ConfigError(f"{flag('sampler.eta', 0.0)}: RL samples its trajectories with this eta, "
+                      "and at 0 every DDIM step is deterministic, so PPO has no action to "
+                      f"score; e.g. {flag('sampler.eta', 1.0)} (DDPO's). Evaluation's eta is "
+                      "launch.evaluate --eta.")
   check_real(config, "sampler.guidance_scale", 0.0, example=4.0)
   check_real(config, "sampler.image_guidance_scale", 0.0, example=1.5)
   if _get(config, "sampler.capture_size"):

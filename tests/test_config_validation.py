@@ -46,6 +46,7 @@ def test_the_default_config_is_valid():
     ("ppo.timestep_fraction", 0.0, "> 0"),
     ("sampler.num_steps", 0, "integer in [1, 1000]"),
     ("sampler.eta", -0.5, ">= 0"),
+    ("sampler.eta", 0.0, "every DDIM step is deterministic"),
     ("resolution", 30, "multiple of 8"),
     ("reward.attention_distance", "kll", "did you mean 'kl'"),
     ("ppo.trainable", "lorra", "did you mean 'lora'"),
