@@ -73,8 +73,10 @@ class DDIMSchedule:
   def from_config(cls, config: Mapping) -> "DDIMSchedule":
     """Builds the schedule from a diffusers ``scheduler_config.json`` dict.
 
-    Any diffusers scheduler config of the SD family works (PNDM, Euler, DDIM...): only the
-    noise levels are read, and sampling is always DDIM.
+    Any diffusers scheduler config of the SD family works (PNDM, Euler, DDIM...): the noise
+    levels, prediction type, spacing and offset are read, and sampling is always DDIM. DDIM's
+    own options take diffusers' DDIMScheduler defaults when absent, except ``clip_sample``,
+    which is off for another class's config (``_clips_by_default``).
     """
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in SUPPORTED_PREDICTION_TYPES:
@@ -98,8 +100,7 @@ class DDIMSchedule:
         steps_offset=int(config.get("steps_offset", 0)),
         timestep_spacing=spacing,
         prediction_type=prediction_type,
-        # diffusers' DDIMScheduler defaults clip_sample to True when the field is absent.
-        clip_sample=bool(config.get("clip_sample", True)),
+        clip_sample=bool(config.get("clip_sample", _clips_by_default(config))),
         clip_sample_range=float(config.get("clip_sample_range", 1.0)),
     )
 
@@ -119,6 +120,14 @@ class DDIMSchedule:
   def step_ratio(self, num_inference_steps: int) -> int:
     """Distance between consecutive timesteps (diffusers: num_train_timesteps // T)."""
     return self.num_train_timesteps // int(num_inference_steps)
+
+
+def _clips_by_default(config: Mapping) -> bool:
+  """DDIM's x0 clipping when ``clip_sample`` is absent: on for a DDIM config (or one that
+  names no class), as diffusers' DDIMScheduler; off for another class's config (PNDM,
+  Euler...), which says nothing about DDIM's clipping. diffusers' ``DDIMScheduler.from_config``
+  of such a config would clip the latent-space x0 of SD (std ~1, values beyond +-3) to [-1, 1]."""
+  return config.get("_class_name", "DDIMScheduler") == "DDIMScheduler"
 
 
 def is_stochastic(schedule: DDIMSchedule, timestep, prev_timestep, eta) -> jnp.ndarray:

@@ -185,3 +185,15 @@ def test_is_stochastic_marks_the_steps_with_zero_sigma():
   want = np.sqrt((1 - a[0]) / (1 - a[1]) * (1 - a[1] / a[0]))
   np.testing.assert_allclose(ddim.ddim_std(sd, 1, -332, 1.0), want, rtol=1e-3)
   assert want > 100 * ddim.MIN_LOG_PROB_STD
+
+
+def test_clip_sample_default_follows_the_config_class():
+  """Absent clip_sample: a DDIM config clips x0 (diffusers' default), another class's config
+  (InstructPix2Pix ships an Euler-ancestral one) does not; a named value always wins."""
+  levels = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                beta_schedule="scaled_linear")
+  assert ddim.DDIMSchedule.from_config(levels).clip_sample
+  assert ddim.DDIMSchedule.from_config(dict(levels, _class_name="DDIMScheduler")).clip_sample
+  euler = dict(levels, _class_name="EulerAncestralDiscreteScheduler")
+  assert not ddim.DDIMSchedule.from_config(euler).clip_sample
+  assert ddim.DDIMSchedule.from_config(dict(euler, clip_sample=True)).clip_sample

@@ -52,8 +52,9 @@ TINY_SD15_UNET = dict(
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-# SD1.x's noise levels, as timbrooks/instruct-pix2pix's scheduler/scheduler_config.json has
-# them under its Euler-ancestral class (the run reads only the noise levels and options).
+# SD1.x's noise levels under the Euler-ancestral class that timbrooks/instruct-pix2pix ships.
+# diffusers 0.42 writes it with that class's fields only: no clip_sample or set_alpha_to_one,
+# so DDIM reads it with x0 clipping off and alpha_prev = 1 at the last step (sigma_t = 0).
 IP2P_SCHEDULER_CONFIG = dict(
     _class_name="EulerAncestralDiscreteScheduler", num_train_timesteps=1000,
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", trained_betas=None,
