@@ -406,8 +406,9 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
     averaged over the K = ceil(W * timestep_fraction) visited positions of the W-step
     window (each a mean over the B samples; a deterministic step adds 0); metrics ``loss``,
     ``approx_kl``, ``clipfrac`` and ``kl`` (mean KL to the reference policy; 0 when
-    kl_weight is 0) averaged the same way. With kl_weight > 0 the loss adds ``kl_weight * kl`` and ``frozen_params`` is the
-    reference policy's UNet (the LoRA base; the initial UNet for "full").
+    kl_weight is 0) averaged the same way. With kl_weight > 0 the loss adds
+    ``kl_weight * kl`` and ``frozen_params`` is the reference policy's UNet (the LoRA base;
+    the initial UNet for "full").
   """
   c = PPOConfig.from_config(ppo_config)
   _check_batch(batch, sampler_config, c.pathwise)

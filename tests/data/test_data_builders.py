@@ -19,7 +19,7 @@ from rl4pix_jax.data import shapes
 from rl4pix_jax.data import shapes_check
 from rl4pix_jax.data import shapes_edit_builder
 from rl4pix_jax.workdir import datasets
-from tests.helpers.magicbrush_parquet import encoded, write_parquet  # pylint: disable=unused-import
+from tests.helpers.magicbrush_parquet import encoded, write_parquet
 from tests.helpers.paths import REPO_ROOT
 
 

@@ -213,7 +213,8 @@ def _one_error_line(err):
 @pytest.fixture(scope="module")
 def parquet_folders(tmp_path_factory):
   """MagicBrush-like folders: empty, a text file named like a shard, a shard with bad rows."""
-  from tests.data.test_data_builders import magicbrush_rows, write_parquet
+  from tests.data.test_data_builders import magicbrush_rows
+  from tests.helpers.magicbrush_parquet import write_parquet
   root = tmp_path_factory.mktemp("bad_parquet")
   (root / "empty").mkdir()
   (root / "text" / "data").mkdir(parents=True)
@@ -290,7 +291,8 @@ def test_a_runs_bad_record_names_the_config_flag_that_skips_it(parquet_folders, 
   from rl4pix_jax.data import records  # pylint: disable=import-outside-toplevel
   from rl4pix_jax.rl import run_setup  # pylint: disable=import-outside-toplevel
   from rl4pix_jax.tokenizer import load_clip_tokenizer  # pylint: disable=import-outside-toplevel
-  from tests.data.test_data_builders import magicbrush_rows, tfds_tmpdir, write_parquet
+  from tests.data.test_data_builders import magicbrush_rows, tfds_tmpdir
+  from tests.helpers.magicbrush_parquet import write_parquet
   rows = magicbrush_rows()[:3]
   rows[1] = dict(rows[1], instruction="please " * 80 + "remove the red car",
                  object_phrase="red car")
