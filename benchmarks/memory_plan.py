@@ -48,7 +48,7 @@ from rl4pix_jax.models.attention_ops import ATTENTION_KINDS, AttentionConfig
 from rl4pix_jax.models import clip as clip_lib
 from rl4pix_jax.models import unet as unet_lib
 from rl4pix_jax.models import vae as vae_lib
-from rl4pix_jax.rl import ppo
+from rl4pix_jax.rl import nft, ppo
 from rl4pix_jax.rl.compiled import ppo_step_config, sampler_config_from
 from rl4pix_jax.rl.train_state import needs_frozen_unet
 
@@ -353,7 +353,8 @@ def plan_run_config(config: ml_collections.ConfigDict, slice_: Slice, remat: boo
   devices, the UNet, train state and frozen base placed by the sharding rules
   (``train_state.place_policy``), the sampler (``sampling.make_trajectory_sampler``) run on a
   sample batch of ``train.sample_batch_size`` edits and the PPO step
-  (``ppo.make_train_step``, with the config's KL and pathwise terms) on a minibatch of
+  (``ppo.make_train_step``, with the config's KL and pathwise terms; ``nft.make_nft_train_step``
+  for ``ppo.objective='nft'``, which also holds the sampling policy's params) on a minibatch of
   ``train.train_batch_size``. Needs at least ``slice_.devices`` devices
   (``jax_num_cpu_devices``).
   """
@@ -397,11 +398,15 @@ def plan_run_config(config: ml_collections.ConfigDict, slice_: Slice, remat: boo
     log(f"  {tag}: sampler, {b // batch_devices} edits/device: peak "
         f"{sampler_memory.peak / GIB:.2f} GiB ({sampler_memory.compile_s:.0f} s compile)")
   b = int(config.train.train_batch_size)
-  step = ppo.make_train_step(unet, schedule, sampler_config, step_config, mesh,
-                             state_shardings=state_shardings, frozen_shardings=frozen_shardings)
+  # ppo.objective "nft" takes the sampling policy's trainable params too (trainer.train).
+  nft_objective = step_config.objective == "nft"
+  make_step = nft.make_nft_train_step if nft_objective else ppo.make_train_step
+  step = make_step(unet, schedule, sampler_config, step_config, mesh,
+                   state_shardings=state_shardings, frozen_shardings=frozen_shardings)
   step_memory = program_memory(
       step, state, frozen, abstract_batch(b, sampler_config.num_steps, side, length, dim,
-                                          tokens=tokens, map_side=map_side), key)
+                                          tokens=tokens, map_side=map_side), key,
+      *((state.params,) if nft_objective else ()))
   log(f"  {tag}: PPO step, {b // batch_devices} edits/device: peak "
       f"{step_memory.peak / GIB:.2f} GiB ({step_memory.compile_s:.0f} s compile)")
   return RunPlanRow(

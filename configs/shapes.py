@@ -198,6 +198,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.ppo.advantage_mode = "per_prompt"
   c.ppo.advantage_std = "group"
   c.ppo.skip_zero_spread = False
+  # "ppo": the clipped likelihood ratio of the stored DDIM steps (DDPO); "nft": DiffusionNFT's
+  # negative-aware denoising loss on the final latents (rl4pix_jax/rl/nft.py), nft_beta its
+  # trust region (the larger, the smaller a step).
+  c.ppo.objective = "ppo"
+  c.ppo.nft_beta = 1.0
 
   # ---- RL loop ----------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -18,7 +18,7 @@ from rl4pix_jax import parallel, pipeline
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.rewards import RewardInputs, make_reward_fn
 from rl4pix_jax.rewards.reference import reference_attention_maps
-from rl4pix_jax.rl import ppo
+from rl4pix_jax.rl import nft, ppo
 from rl4pix_jax.rl.run_setup import RLSetup
 from rl4pix_jax.rl.train_state import PlacedPolicy, replicate
 from rl4pix_jax.tokenizer import tokenize
@@ -48,8 +48,14 @@ def reward_with_map_gradient(reward_fn: Callable) -> Callable:
 
 def ppo_step_config(config: ml_collections.ConfigDict) -> ppo.PPOConfig:
   """The train step's ``PPOConfig``: ``config.ppo``, with the pathwise term switched off (and
-  a warning) when there is no attention reward to differentiate."""
+  a warning) when there is no attention reward to differentiate or the objective is "nft"
+  (its loss has no per-step maps of the sampled chain to differentiate)."""
   step_config = ppo.PPOConfig.from_config(config.ppo)
+  if step_config.pathwise and step_config.objective == "nft":
+    logging.warning("ppo.attention_pathwise_weight=%g is inactive with ppo.objective='nft' "
+                    "(the attention reward enters through the advantages only).",
+                    step_config.attention_pathwise_weight)
+    step_config = dataclasses.replace(step_config, attention_pathwise_weight=0.0)
   if step_config.pathwise and config.reward.attention_weight == 0:
     logging.warning("ppo.attention_pathwise_weight=%g is inactive: reward.attention_weight is "
                     "0, so there is no attention reward to differentiate.",
@@ -70,7 +76,8 @@ class EpochFunctions:
     decode: (frozen_params, latents) -> images in [0, 1], split like the batch.
     reward_fn: (clip_params, inputs) -> (reward, parts, map gradient or None).
     policy: (trainable, frozen base) -> the policy UNet params (LoRA merged).
-    train_step: (state, frozen, minibatch, key) -> (state, metrics).
+    train_step: (state, frozen, minibatch, key) -> (state, metrics) for ppo.objective "ppo";
+      (state, frozen, minibatch, key, old trainable params) for "nft".
     step_config: the ``ppo.PPOConfig`` the step was built with.
     reference: (initial unet, cond, key) -> reference attention maps, or None when the reward
       does not use the "reference" attention region.
@@ -99,9 +106,10 @@ def compile_epoch_functions(config: ml_collections.ConfigDict, setup: RLSetup,
   sampler = sampling.make_trajectory_sampler(models.unet, models.schedule, sampler_config, mesh,
                                              param_shardings=placed.unet_shardings)
   step_config = ppo_step_config(config)
-  train_step = ppo.make_train_step(models.unet, models.schedule, sampler_config, step_config,
-                                   mesh, state_shardings=placed.state_shardings,
-                                   frozen_shardings=placed.frozen_shardings)
+  make_step = nft.make_nft_train_step if step_config.objective == "nft" else ppo.make_train_step
+  train_step = make_step(models.unet, models.schedule, sampler_config, step_config, mesh,
+                         state_shardings=placed.state_shardings,
+                         frozen_shardings=placed.frozen_shardings)
   # reward_fn(clip_params, inputs) -> (reward, parts, map gradient or None)
   combined = make_reward_fn(config.reward, setup.clip_text_model, setup.clip_vision_model)
   reward_fn = jax.jit(reward_with_map_gradient(combined) if step_config.pathwise

@@ -50,6 +50,7 @@ Params = Any
 TRAINABLE_SETS = ("full", "lora")
 ADVANTAGE_MODES = ("per_prompt", "group")
 ADVANTAGE_STDS = ("group", "global")
+OBJECTIVES = ("ppo", "nft")
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +92,11 @@ class PPOConfig:
       ("global").
     skip_zero_spread: with "group": groups whose rewards are all equal get advantage 0
       (they say nothing about which sample is better).
+    objective: "ppo" (this module's clipped ratio of the stored steps) or "nft" (DiffusionNFT's
+      negative-aware denoising loss on the final latents, ``rl4pix_jax.rl.nft``; no
+      log-probs, ``clip_range`` and the pathwise term unused).
+    nft_beta: with "nft": the policy's weight in the implicit positive policy, > 0; the
+      larger, the smaller one epoch's step (``nft`` module docstring).
   """
   trainable: str = "lora"
   lora_rank: int = 4
@@ -115,6 +121,8 @@ class PPOConfig:
   advantage_mode: str = "per_prompt"
   advantage_std: str = "group"
   skip_zero_spread: bool = False
+  objective: str = "ppo"
+  nft_beta: float = 1.0
 
   @property
   def pathwise(self) -> bool:
@@ -125,7 +133,10 @@ class PPOConfig:
     problems = []
     if self.trainable not in TRAINABLE_SETS:
       problems.append(f"trainable={self.trainable!r} (expected one of {TRAINABLE_SETS})")
-    for name in ("learning_rate", "adam_eps", "max_grad_norm", "clip_range", "adv_clip_max"):
+    if self.objective not in OBJECTIVES:
+      problems.append(f"objective={self.objective!r} (expected one of {OBJECTIVES})")
+    for name in ("learning_rate", "adam_eps", "max_grad_norm", "clip_range", "adv_clip_max",
+                 "nft_beta"):
       if not getattr(self, name) > 0:
         problems.append(f"{name}={getattr(self, name)!r} (expected > 0)")
     for name in ("adam_b1", "adam_b2"):

@@ -280,6 +280,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
         map_cotangents = (jnp.concatenate(map_gradients)
                           / max(float(all_rewards.std()), 1e-6))
       step_metrics: List[Dict[str, float]] = []
+      # NFT contrasts the policy with the one that sampled: a copy (the state is donated).
+      old_params = ((jax.tree.map(jnp.copy, state.params),)
+                    if step_config.objective == "nft" else ())
       for inner in range(config.ppo.num_inner_epochs):
         perm = np.asarray(jax.random.permutation(
             jax.random.fold_in(epoch_key, 10_000 + inner), sizes.samples_per_epoch))
@@ -292,7 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
               guidance=guidance,
               map_cotangents=None if map_cotangents is None else take(map_cotangents))
           step_key = jax.random.fold_in(epoch_key, 20_000 + inner * 1000 + m)
-          state, metrics = fns.train_step(state, frozen, minibatch, step_key)
+          state, metrics = fns.train_step(state, frozen, minibatch, step_key, *old_params)
           metrics = {k: float(v) for k, v in metrics.items()}
           step_metrics.append(metrics)
           if metrics["nonfinite"]:
@@ -309,8 +312,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: RLSetup,
       record = {
           "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
           **{f"reward_{k}": float(np.concatenate(v).mean()) for k, v in components.items()},
-          **{k: float(np.mean([s[k] for s in step_metrics])) for k in
-             ("loss", "approx_kl", "clipfrac", "kl", "grad_norm")},
+          **{k: float(np.mean([s[k] for s in step_metrics])) for k in step_metrics[0]
+             if k not in ("nonfinite", "nonfinite_count")},
           "zero_advantage_fraction": float(np.mean(advantages == 0)),
           "nonfinite_updates": float(sum(s["nonfinite"] for s in step_metrics)),
           "samples_per_s": sizes.samples_per_epoch / elapsed, "epoch_time_s": elapsed,

@@ -43,7 +43,8 @@ def tiny_config(variant):
 tiny = configs.BENCHMARK_CONFIGS["tiny"]["unet"]
 slices = {s.name: s for s in memory_plan.SLICES}
 out = {}
-# Three compiles: full on v5e-8 (sampler and step), LoRA's step on v4-8 (remat on).
+# Three compiles: full on v5e-8 (sampler and step), LoRA's step on v4-8 (remat on); then
+# full's NFT step on v5e-8.
 for variant, slice_name, remat, with_sampler in (("full", "v5e-8", False, True),
                                                  ("lora", "v4-8", True, False)):
   config = tiny_config(variant)
@@ -72,6 +73,13 @@ for variant, slice_name, remat, with_sampler in (("full", "v5e-8", False, True),
       placed_frozen=0 if placed.frozen is None else on_device0(placed.frozen),
       placed_unet=on_device0(placed.unet_params),
       table=memory_plan.format_run_table(rows))
+# ppo.objective="nft": the step also takes the sampling policy's trainable params.
+config = tiny_config("full")
+config.ppo.objective = "nft"
+row = memory_plan.plan_run_config(config, slices["v5e-8"], False, with_sampler=False,
+                                  log=lambda _: None, unet_spec=tiny)
+out["full_nft"] = dict(state=row.state, sampled_in_state=row.sampled_in_state,
+                       ppo_step=row.ppo_step.__dict__)
 print("RESULT " + json.dumps(out))
 """
 
@@ -122,6 +130,17 @@ def test_program_peaks_hold_their_arguments(plan):
   # The donated state comes back in its own buffers.
   assert full["ppo_step"]["aliased"] >= plan["full"]["placed_state"]
   assert plan["lora"]["rows"][0]["sampling_peak"] == 0  # not compiled for that row
+
+
+def test_nft_step_holds_the_sampling_policys_params_as_well(plan):
+  """objective='nft' plans NFT's step, whose arguments add a copy of the trainable params
+  (here the whole FSDP-sharded UNet) to PPO's."""
+  nft_row, ppo_row = plan["full_nft"], plan["full"]["rows"][0]
+  assert nft_row["state"] == ppo_row["state"]
+  extra = nft_row["ppo_step"]["arguments"] - ppo_row["ppo_step"]["arguments"]
+  # The extra argument is one copy of the params, less PPO's map cotangents (pathwise is
+  # off under NFT): 2 steps x 8 x 8 float32 per edit, against kilobytes of params.
+  assert extra > 0.9 * nft_row["sampled_in_state"] > 0
 
 
 def test_the_towers_are_the_real_runs_vae_text_encoder_and_reward_clip(plan):
