@@ -87,6 +87,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.dataset = "shapes_edit"
   c.data.data_dir = ""  # empty: <workdir>/../data when run from launch.run_default
   c.data.split = "train"  # the split the RL stage samples its edits from
+  # shapes tasks the RL stage samples (comma-separated: insertion, removal, replacement,
+  # transformation); empty = all. Evaluation always scores every task.
+  c.data.train_tasks = ""
   # the tfds builder config of the prepared data ("" = the only one there; magicbrush has
   # "default" and "skip_bad", see launch.prepare_data)
   c.data.config_name = ""

@@ -125,16 +125,29 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     check_int(config, f"data.{name}", 0, example=200)
   check_int(config, "data.max_object_tokens", 1, 75, example=8)
   check_int(config, "data.num_threads", 1, example=2)
+  train_tasks = _get(config, "data.train_tasks")
+  if train_tasks not in (_MISSING, None, ""):
+    from rl4pix_jax.data import records  # pylint: disable=import-outside-toplevel
+    if _get(config, "data.dataset") != "shapes_edit":
+      raise ConfigError(f"{flag('data.train_tasks', train_tasks)}: only shapes_edit records "
+                        f"have tasks; use {flag('data.train_tasks', '')} with "
+                        f"{flag('data.dataset', _get(config, 'data.dataset'))}.")
+    unknown = [t for t in str(train_tasks).split(",") if t.strip() not in records.TASKS]
+    if unknown:
+      raise ConfigError(f"{flag('data.train_tasks', train_tasks)}: {unknown} not among the "
+                        f"shapes tasks {', '.join(records.TASKS)} (comma-separated); e.g. "
+                        f"{flag('data.train_tasks', 'insertion')}.")
 
   timesteps = _get(config, "model.scheduler.num_train_timesteps")
   check_int(config, "sampler.num_steps", 1,
             timesteps if _is_int(timesteps) else None, example=10)
   check_real(config, "sampler.eta", 0.0, example=1.0)
-  if _get(config, "sampler.eta") == 0:
+  if _get(config, "sampler.eta") == 0 and _get(config, "ppo.objective") != "nft":
     raise ConfigError(f"{flag('sampler.eta', 0.0)}: RL samples its trajectories with this eta, "
                       "and at 0 every DDIM step is deterministic, so PPO has no action to "
-                      f"score; e.g. {flag('sampler.eta', 1.0)} (DDPO's). Evaluation's eta is "
-                      "launch.evaluate --eta.")
+                      f"score; e.g. {flag('sampler.eta', 1.0)} (DDPO's), or "
+                      f"{flag('ppo.objective', 'nft')}, which needs no log-probs. Evaluation's "
+                      "eta is launch.evaluate --eta.")
   check_real(config, "sampler.guidance_scale", 0.0, example=4.0)
   check_real(config, "sampler.image_guidance_scale", 0.0, example=1.5)
   if _get(config, "sampler.capture_size"):
@@ -176,6 +189,8 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
   check_int(config, "ppo.stat_buffer_size", 1, example=16)
   check_int(config, "ppo.stat_min_count", 1, example=4)
   check_real(config, "ppo.attention_pathwise_weight", 0.0, example=0.1)
+  check_choice(config, "ppo.objective", ("ppo", "nft"))
+  check_real(config, "ppo.nft_beta", 0.0, strict_minimum=True, example=1.0)
 
   for name, example in (("num_epochs", 20), ("sample_batch_size", 16),
                         ("num_sample_batches", 1), ("samples_per_prompt", 4),

@@ -48,6 +48,9 @@ def test_the_default_config_is_valid():
     ("sampler.eta", -0.5, ">= 0"),
     ("sampler.eta", 0.0, "every DDIM step is deterministic"),
     ("resolution", 30, "multiple of 8"),
+    ("ppo.objective", "nfft", "did you mean 'nft'"),
+    ("ppo.nft_beta", 0.0, "> 0"),
+    ("data.train_tasks", "insertion,moving", "['moving'] not among the shapes tasks"),
     ("reward.attention_distance", "kll", "did you mean 'kl'"),
     ("ppo.trainable", "lorra", "did you mean 'lora'"),
     ("ppo.lora_target_regex", "(", "not a regular expression"),
@@ -71,6 +74,18 @@ def test_bad_field_is_one_line_naming_the_flag(path, value, expected):
   assert "\n" not in message
   assert message.startswith(f"--config.{path}=")
   assert expected in message
+
+
+def test_nft_samples_at_eta_zero_and_tasks_need_shapes():
+  """NFT scores final latents, not steps: a deterministic sampler is allowed there."""
+  config = _config("ppo.objective", "nft")
+  config.sampler.eta = 0.0
+  cv.validate_run_config(config)
+  config = _config("data.train_tasks", "insertion")
+  cv.validate_run_config(config)
+  config.data.dataset = "magicbrush"
+  with pytest.raises(cv.ConfigError, match="only shapes_edit records have tasks"):
+    cv.validate_run_config(config)
 
 
 def test_batch_sizes_against_devices_name_the_flags():

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence as SequenceABC
 
 from etils import epath
 import grain
@@ -130,6 +131,29 @@ def open_split(dataset_dir: str, split: str):
     raise ValueError(f"Split {split!r} not in {dataset_dir!r}: it has "
                      f"{sorted(builder.info.splits)}.")
   return builder.as_data_source(split=split)
+
+
+class TaskSubset(SequenceABC):
+  """The records of a random-access source whose ``task`` is one of ``tasks`` (shapes_edit).
+
+  Indices are positions in the subset, so the loader's example indices (the RL groups' keys)
+  stay unique. Reads every record's ``task`` once, when built.
+  """
+
+  def __init__(self, source: Sequence, tasks: Sequence[str]):
+    wanted = {records.TASKS.index(t) for t in tasks}
+    self._source = source
+    self._indices = [i for i in range(len(source))
+                     if int(np.asarray(source[i]["task"])) in wanted]
+    if not self._indices:
+      raise ValueError(f"No record of the tasks {sorted(tasks)} in this split "
+                       f"({len(source)} records).")
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[self._indices[index]]
 
 
 def decode_for_batch(index: int, record: Dict[str, Any], resolution: int,

@@ -12,7 +12,7 @@ Two sources of the editor, chosen by ``config.model.pretrained``:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -113,12 +113,16 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def make_iterator(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any,
                   split: str, batch_size: int, shuffle: bool = True,
-                  num_epochs: Optional[int] = None) -> loader_lib.EditBatchIterator:
-  """A grain iterator over ``split`` yielding this process's share of ``batch_size``."""
+                  num_epochs: Optional[int] = None, tasks: Sequence[str] = ()
+                  ) -> loader_lib.EditBatchIterator:
+  """A grain iterator over ``split`` yielding this process's share of ``batch_size``; only
+  records of ``tasks`` (shapes_edit task names) when given."""
   if batch_size % jax.process_count():
     raise ValueError(f"Batch size {batch_size} is not divisible by the "
                      f"{jax.process_count()} processes.")
   source = loader_lib.open_split(prepare_dataset(config, workdir), split)
+  if tasks:
+    source = loader_lib.TaskSubset(source, tasks)
   loader_config = loader_lib.LoaderConfig(
       batch_size=batch_size // jax.process_count(), resolution=config.resolution,
       seed=config.seed, shuffle=shuffle, num_epochs=num_epochs,
@@ -133,6 +137,9 @@ def make_iterator(config: ml_collections.ConfigDict, workdir: str, tokenizer: An
 def make_train_iterator(config: ml_collections.ConfigDict, workdir: str,
                         tokenizer: Any) -> loader_lib.EditBatchIterator:
   """The RL stage's iterator: shuffled, repeating, ``train.sample_batch_size /
-  train.samples_per_prompt`` examples per call (the trainer repeats each example)."""
+  train.samples_per_prompt`` examples per call (the trainer repeats each example), of the
+  tasks in ``data.train_tasks`` (all when empty)."""
+  tasks = [t.strip() for t in config.data.train_tasks.split(",") if t.strip()]
   return make_iterator(config, workdir, tokenizer, config.data.split,
-                       config.train.sample_batch_size // samples_per_prompt(config))
+                       config.train.sample_batch_size // samples_per_prompt(config),
+                       tasks=tasks)

@@ -182,6 +182,23 @@ def test_argument_errors(tokenizer, shape_records):
     iterator.set_state({"examples": {}, "batches": 0})
 
 
+def test_task_subset_keeps_the_tasks_asked_for(tokenizer, shape_records):
+  tasks = [records.TASKS[int(r["task"])] for r in shape_records]
+  wanted = tasks[0]
+  subset = loader.TaskSubset(shape_records, [wanted])
+  kept = [r["example_id"] for r, t in zip(shape_records, tasks) if t == wanted]
+  assert len(subset) == len(kept) and [r["example_id"] for r in subset] == kept
+  both = sorted(set(tasks))[:2]
+  assert len(loader.TaskSubset(shape_records, both)) == sum(t in both for t in tasks)
+  # The loader reads the subset like any source: every batch is of the task asked for.
+  batch = next(loader.make_edit_iterator(subset, tokenizer, config(batch_size=1)))
+  assert batch.texts["instruction"][0] in [r["instruction"] for r in subset]
+  only_wanted = [r for r, t in zip(shape_records, tasks) if t == wanted]
+  other = next(t for t in records.TASKS if t != wanted)
+  with pytest.raises(ValueError, match="No record of the tasks"):
+    loader.TaskSubset(only_wanted, [other])
+
+
 def test_decode_for_batch(shape_records):
   decoded = loader.decode_for_batch(3, shape_records[3], 16, skip_bad_records=False)
   assert decoded["source"].shape == (16, 16, 3) and decoded["example_index"] == 3
