@@ -81,29 +81,26 @@ def setup():
               batch_with=batch_with, fresh_state=fresh_state, cond=cond, guidance=guidance)
 
 
-def _visits(key):
+def _visits(key, clean):
   """The (B, K) positions and (K, B, h, w, c) noise the step draws from ``key``."""
   order_key, noise_key = jax.random.split(key)
   order = np.asarray(ppo.shuffled_timestep_indices(order_key, B, T, K))
-  return order, noise_key
+  return order, jax.random.normal(noise_key, (K,) + clean.shape, jnp.float32)
 
 
-def signed_denoising_loss(setup, params, key, advantages):
-  """mean over visits of mean_b (2 r_b - 1) |guided eps(x_t) - e|^2, one visit at a time."""
+def signed_denoising_loss(setup, params, visits, advantages):
+  """mean over the K visits of mean_b (2 r_b - 1) |guided eps(x_t) - e|^2, written out."""
   traj, schedule = setup["traj"], setup["schedule"]
-  order, noise_key = _visits(key)
+  order, noise = visits
   clean = traj.latents[:, -1]
-  noise = jax.random.normal(noise_key, (K,) + clean.shape, jnp.float32)
-  r = np.clip(0.5 + np.asarray(advantages) / (2 * NFT.adv_clip_max), 0, 1)
+  weight = 2 * np.clip(0.5 + np.asarray(advantages) / (2 * NFT.adv_clip_max), 0, 1) - 1
   total = 0.0
   for k in range(K):
-    for b in range(B):
-      t = traj.timesteps[order[b, k]]
-      x = ddim.add_noise(schedule, clean[b:b + 1], noise[k, b:b + 1], t[None])
-      eps, _ = sampling.guided_noise_prediction(
-          setup["unet"], params, x, t, jax.tree.map(lambda a: a[b:b + 1], setup["cond"]),
-          setup["guidance"], None)
-      total = total + (2 * r[b] - 1) * jnp.mean((eps - noise[k, b:b + 1]) ** 2) / B
+    t = traj.timesteps[order[:, k]]  # (B,): each sample at its own visited step
+    x = ddim.add_noise(schedule, clean, noise[k], t)
+    eps, _ = sampling.guided_noise_prediction(setup["unet"], params, x, t, setup["cond"],
+                                              setup["guidance"], None)
+    total = total + jnp.mean(weight * jnp.mean((eps - noise[k]) ** 2, axis=(1, 2, 3)))
   return total / K
 
 
@@ -112,7 +109,8 @@ def test_gradient_at_the_sampling_policy_is_the_signed_denoising_gradient(setup)
   params = jax.tree.map(jnp.asarray, setup["params"])
   state, metrics = setup["step"](setup["fresh_state"](), None, setup["batch_with"](advantages),
                                  key, params)
-  want = jax.grad(lambda q: signed_denoising_loss(setup, q, key, advantages))(params)
+  visits = _visits(key, setup["traj"].latents[:, -1])
+  want = jax.jit(jax.grad(lambda q: signed_denoising_loss(setup, q, visits, advantages)))(params)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want))
   for got, w in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(want)):
     np.testing.assert_allclose(got, w, rtol=1e-3, atol=1e-4 * scale)
@@ -120,8 +118,8 @@ def test_gradient_at_the_sampling_policy_is_the_signed_denoising_gradient(setup)
   assert float(metrics["positive_fraction"]) == 0.5 and float(metrics["nonfinite"]) == 0.0
   # One SGD step lowers the signed loss it descends: sample 0 (r = 1) fitted, sample 1
   # (r = 0.25) pushed away.
-  before = float(signed_denoising_loss(setup, params, key, advantages))
-  after = float(signed_denoising_loss(setup, state.params, key, advantages))
+  loss = jax.jit(lambda q: signed_denoising_loss(setup, q, visits, advantages))
+  before, after = float(loss(params)), float(loss(state.params))
   assert after < before, (before, after)
 
 
