@@ -85,11 +85,7 @@ def main(argv: List[str]) -> None:
   if len(FLAGS.results) < 2:
     raise app.UsageError("Pass at least two --results files (the same examples, other seeds).")
   ids, success = success_matrix(FLAGS.results, FLAGS.model)
-  table = spread_table(ids, success)
-  print(table, end="")
-  if FLAGS.output:
-    with open(FLAGS.output, "w", encoding="utf-8") as f:
-      f.write(table)
+  rl_table.print_and_write(spread_table(ids, success), FLAGS.output)
 
 
 if __name__ == "__main__":

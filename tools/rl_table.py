@@ -105,10 +105,14 @@ def main(argv: List[str]) -> None:
   for spec in FLAGS.row:
     label, path, model = parse_row(spec)
     rows.append((label, load_row(path, model)))
-  table = markdown(rows, FLAGS.baseline)
+  print_and_write(markdown(rows, FLAGS.baseline), FLAGS.output)
+
+
+def print_and_write(table: str, output: str = None) -> None:
+  """Prints a markdown table and, when ``output`` is given, writes it there too."""
   print(table, end="")
-  if FLAGS.output:
-    with open(FLAGS.output, "w", encoding="utf-8") as f:
+  if output:
+    with open(output, "w", encoding="utf-8") as f:
       f.write(table)
 
 

@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from rl4pix_jax import parallel
 from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.rl import ppo
@@ -183,22 +182,10 @@ def make_nft_train_step(
   tx = ppo.make_optimizer(c) if optimizer is None else optimizer
 
   def train_step(state, frozen_unet_params, batch, key, old_params):
-    if (c.trainable == "lora" or c.kl_weight > 0) and frozen_unet_params is None:
-      raise ValueError("trainable='lora' or kl_weight > 0: pass the frozen UNet params "
-                       "(the LoRA base / KL reference) as the second argument.")
+    ppo.check_frozen_given(c, frozen_unet_params)
     grads, metrics = nft_gradients(unet, schedule, sampler_config, c, state.params,
                                    frozen_unet_params, old_params, batch, key)
-    inputs_finite = jnp.all(jnp.isfinite(batch.advantages))
-    state, update_metrics = ppo.apply_gradients(state, grads, metrics["loss"], tx,
-                                                inputs_finite)
-    return state, {**metrics, **update_metrics}
+    return ppo.update(state, grads, metrics, batch, tx)
 
-  if mesh is None:
-    return jax.jit(train_step, donate_argnums=(0,))
-  full = parallel.replicated(mesh)
-  state_in = full if state_shardings is None else state_shardings
-  frozen_in = full if frozen_shardings is None else frozen_shardings
-  return jax.jit(train_step, donate_argnums=(0,),
-                 in_shardings=(state_in, frozen_in, ppo.batch_shardings(mesh, False), full,
-                               state_in.params if state_shardings is not None else full),
-                 out_shardings=(state_in, full))
+  return ppo.jit_train_step(train_step, mesh, state_shardings, frozen_shardings, False,
+                            extra_state_args=1)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.struct
 import jax
@@ -559,21 +559,45 @@ def make_train_step(
   tx = make_optimizer(c) if optimizer is None else optimizer
 
   def train_step(state, frozen_unet_params, batch, key):
-    if (c.trainable == "lora" or c.kl_weight > 0) and frozen_unet_params is None:
-      raise ValueError("trainable='lora' or kl_weight > 0: pass the frozen UNet params "
-                       "(the LoRA base / KL reference) as the second argument.")
+    check_frozen_given(c, frozen_unet_params)
     grads, metrics = ppo_gradients(unet, schedule, sampler_config, c, state.params,
                                    frozen_unet_params, batch, key)
-    inputs_finite = jnp.all(jnp.isfinite(batch.advantages))
-    state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, inputs_finite)
-    return state, {**metrics, **update_metrics}
+    return update(state, grads, metrics, batch, tx)
 
+  return jit_train_step(train_step, mesh, state_shardings, frozen_shardings, c.pathwise)
+
+
+def check_frozen_given(ppo_config: "PPOConfig", frozen_unet_params: Any) -> None:
+  """Raises ValueError when the step needs the frozen UNet (LoRA base / KL reference) and
+  got None."""
+  if (ppo_config.trainable == "lora" or ppo_config.kl_weight > 0) and frozen_unet_params is None:
+    raise ValueError("trainable='lora' or kl_weight > 0: pass the frozen UNet params "
+                     "(the LoRA base / KL reference) as the second argument.")
+
+
+def update(state: TrainState, grads: Params, metrics: Dict[str, jnp.ndarray], batch: PPOBatch,
+           tx: optax.GradientTransformation) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
+  """:func:`apply_gradients` of a step's gradients (skipped on a non-finite advantage too);
+  the step's metrics with the update's."""
+  inputs_finite = jnp.all(jnp.isfinite(batch.advantages))
+  state, update_metrics = apply_gradients(state, grads, metrics["loss"], tx, inputs_finite)
+  return state, {**metrics, **update_metrics}
+
+
+def jit_train_step(train_step: Callable, mesh: Optional[Mesh], state_shardings: Any,
+                   frozen_shardings: Any, map_cotangents: bool,
+                   extra_state_args: int = 0) -> Callable:
+  """``jax.jit`` of ``train_step(state, frozen, batch, key, *extra)`` with the state donated;
+  on a mesh: state and frozen params placed as given (default replicated), the batch split
+  (``batch_shardings``), the key replicated, and ``extra_state_args`` more trees placed like
+  ``state.params`` (NFT's sampling-policy params)."""
   if mesh is None:
     return jax.jit(train_step, donate_argnums=(0,))
   full = parallel.replicated(mesh)
   state_in = full if state_shardings is None else state_shardings
   frozen_in = full if frozen_shardings is None else frozen_shardings
+  params_in = full if state_shardings is None else state_shardings.params
   return jax.jit(train_step, donate_argnums=(0,),
-                 in_shardings=(state_in, frozen_in,
-                               batch_shardings(mesh, c.pathwise), full),
+                 in_shardings=(state_in, frozen_in, batch_shardings(mesh, map_cotangents),
+                               full) + (params_in,) * extra_state_args,
                  out_shardings=(state_in, full))

@@ -14,10 +14,9 @@ from rl4pix_jax.diffusion import ddim
 from rl4pix_jax.diffusion import sampling
 from rl4pix_jax.rl import nft
 from rl4pix_jax.rl import ppo
-from tests.helpers import tiny_models
-from tests.rl.test_ppo import B, SIDE, T, host_copy, make_cond, recording_sgd
+from tests.rl.test_ppo import (B, SAMPLER, T, host_copy, recording_sgd,  # the PPO tests' rollout
+                               tiny_rollout)
 
-SAMPLER = sampling.SamplerConfig(num_steps=T, eta=1.0, record_attention=False)
 NFT = ppo.PPOConfig(trainable="full", objective="nft", nft_beta=1.0, adv_clip_max=5.0,
                     kl_weight=0.0, timestep_fraction=0.5, attention_pathwise_weight=0.0)
 K = ppo.num_trained_timesteps(T, 0.5)
@@ -59,20 +58,9 @@ def test_bad_objective_and_beta_are_named():
 
 @pytest.fixture(scope="module")
 def setup():
-  unet = tiny_models.tiny_unet()
-  params = jax.jit(tiny_models.tiny_unet_params, static_argnums=(0, 1, 2))(0, 1, SIDE)
-  schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())
-  cond = make_cond()
-  guidance = sampling.Guidance(jnp.float32(7.5), jnp.float32(1.5))
-  traj = sampling.make_trajectory_sampler(unet, schedule, SAMPLER)(
-      params, cond, jax.random.PRNGKey(3), guidance)
+  unet, params, schedule, cond, guidance, traj, batch_with = tiny_rollout()
   tx = recording_sgd(SGD_LR)
   step = nft.make_nft_train_step(unet, schedule, SAMPLER, NFT, optimizer=tx)
-
-  def batch_with(advantages):
-    return ppo.PPOBatch(cond=cond, latents=traj.latents, log_probs=traj.log_probs,
-                        advantages=jnp.asarray(advantages, jnp.float32),
-                        timesteps=traj.timesteps, guidance=guidance)
 
   def fresh_state():
     return ppo.init_train_state(jax.random.PRNGKey(0), params, NFT, optimizer=tx)[0]

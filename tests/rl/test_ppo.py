@@ -157,8 +157,9 @@ def host_copy(tree):
   return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
-@pytest.fixture(scope="module")
-def setup():
+def tiny_rollout():
+  """The tiny UNet, its params, the schedule, B conditionings, guidance, a sampled trajectory,
+  and ``batch_with(advantages)``: a PPOBatch of that trajectory (shared with test_nft)."""
   unet = tiny_models.tiny_unet()
   params = jax.jit(tiny_models.tiny_unet_params, static_argnums=(0, 1, 2))(0, 1, SIDE)
   schedule = ddim.DDIMSchedule.from_config(ddim.default_scheduler_config())
@@ -166,13 +167,20 @@ def setup():
   guidance = sampling.Guidance(jnp.float32(7.5), jnp.float32(1.5))
   traj = sampling.make_trajectory_sampler(unet, schedule, SAMPLER)(
       params, cond, jax.random.PRNGKey(3), guidance)
-  tx = recording_sgd(SGD_LR)
-  step = ppo.make_train_step(unet, schedule, SAMPLER, FULL, optimizer=tx)
 
   def batch_with(advantages):
     return ppo.PPOBatch(cond=cond, latents=traj.latents, log_probs=traj.log_probs,
                         advantages=jnp.asarray(advantages, jnp.float32),
                         timesteps=traj.timesteps, guidance=guidance)
+
+  return unet, params, schedule, cond, guidance, traj, batch_with
+
+
+@pytest.fixture(scope="module")
+def setup():
+  unet, params, schedule, cond, guidance, traj, batch_with = tiny_rollout()
+  tx = recording_sgd(SGD_LR)
+  step = ppo.make_train_step(unet, schedule, SAMPLER, FULL, optimizer=tx)
 
   def fresh_state():
     return ppo.init_train_state(jax.random.PRNGKey(0), params, FULL, optimizer=tx)[0]
