@@ -103,12 +103,9 @@ def nft_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
   """
   c = ppo.PPOConfig.from_config(ppo_config)
   batch_size, num_steps = batch.log_probs.shape
-  first, stop = ppo.train_window(num_steps, c.train_window_start, c.train_window_end)
-  num_trained = ppo.num_trained_timesteps(stop - first, c.timestep_fraction)
   step_ratio = schedule.step_ratio(num_steps)
   order_key, noise_key = jax.random.split(key)
-  order = ppo.shuffled_timestep_indices(order_key, batch_size, stop - first, num_trained,
-                                        first)  # (B, K)
+  order = ppo.visited_positions(order_key, c, batch_size, num_steps)  # (B, K)
   if c.kl_weight > 0 and frozen_params is None:
     raise ValueError("ppo.kl_weight > 0 needs the reference UNet params as frozen_params.")
   clean = batch.latents[:, -1]
@@ -144,21 +141,8 @@ def nft_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
     metrics["loss"] = jax.lax.stop_gradient(loss)
     return loss, metrics
 
-  grad_fn = jax.value_and_grad(loss_at, has_aux=True)
-
-  def body(carry, inputs):
-    grad_sum, metric_sum = carry
-    (_, metrics), grads = grad_fn(trainable_params, inputs)
-    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
-    return (grad_sum, jax.tree.map(jnp.add, metric_sum, metrics)), None
-
-  noise = jax.random.normal(noise_key, (num_trained,) + clean.shape, jnp.float32)
-  zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), trainable_params)
-  metric_zeros = {k: jnp.zeros((), jnp.float32) for k in METRICS}
-  (grad_sum, metric_sum), _ = jax.lax.scan(body, (zeros, metric_zeros), (order.T, noise))
-  scale = 1.0 / num_trained
-  return (jax.tree.map(lambda g: g * scale, grad_sum),
-          {k: v * scale for k, v in metric_sum.items()})
+  noise = jax.random.normal(noise_key, (order.shape[1],) + clean.shape, jnp.float32)
+  return ppo.mean_gradient_over_visits(loss_at, trainable_params, (order.T, noise), METRICS)
 
 
 def make_nft_train_step(

@@ -424,11 +424,8 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
   c = PPOConfig.from_config(ppo_config)
   _check_batch(batch, sampler_config, c.pathwise)
   batch_size, num_steps = batch.log_probs.shape
-  first, stop = train_window(num_steps, c.train_window_start, c.train_window_end)
-  num_trained = num_trained_timesteps(stop - first, c.timestep_fraction)
   step_ratio = schedule.step_ratio(num_steps)
-  order = shuffled_timestep_indices(key, batch_size, stop - first, num_trained,
-                                    first)  # (B, K)
+  order = visited_positions(key, c, batch_size, num_steps)  # (B, K)
   reference_params = frozen_params if c.kl_weight > 0 else None
   if c.kl_weight > 0 and frozen_params is None:
     raise ValueError("ppo.kl_weight > 0 needs the reference UNet params as frozen_params.")
@@ -462,20 +459,40 @@ def ppo_gradients(unet: Any, schedule: ddim.DDIMSchedule, sampler_config: sampli
     direct = jnp.mean(jnp.sum(cotangent * maps, axis=(1, 2)))
     return loss - c.attention_pathwise_weight * direct, metrics
 
+  return mean_gradient_over_visits(loss_at, trainable_params, order.T,
+                                   ("loss", "approx_kl", "clipfrac", "kl"))
+
+
+def visited_positions(key: jax.Array, ppo_config: "PPOConfig", batch_size: int,
+                      num_steps: int) -> jnp.ndarray:
+  """(B, K) int32: each sample's K = ceil(W * timestep_fraction) trained positions, drawn from
+  the W-step window (:func:`train_window`) by :func:`shuffled_timestep_indices`."""
+  first, stop = train_window(num_steps, ppo_config.train_window_start,
+                             ppo_config.train_window_end)
+  num_trained = num_trained_timesteps(stop - first, ppo_config.timestep_fraction)
+  return shuffled_timestep_indices(key, batch_size, stop - first, num_trained, first)
+
+
+def mean_gradient_over_visits(loss_at: Callable, trainable_params: Params, visits: Any,
+                              metric_names: Tuple[str, ...]
+                              ) -> Tuple[Params, Dict[str, jnp.ndarray]]:
+  """Means of ``loss_at(params, visit) -> (loss, metrics)``'s gradient and metrics over the
+  leading axis of ``visits`` (a pytree, one entry per visited position), in one
+  ``jax.lax.scan`` whose carry accumulates them (float32 grads, float32 scalar metrics
+  ``metric_names``)."""
   grad_fn = jax.value_and_grad(loss_at, has_aux=True)
 
-  def body(carry, index):
+  def body(carry, visit):
     grad_sum, metric_sum = carry
-    (_, metrics), grads = grad_fn(trainable_params, index)
+    (_, metrics), grads = grad_fn(trainable_params, visit)
     grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
     metric_sum = jax.tree.map(jnp.add, metric_sum, metrics)
     return (grad_sum, metric_sum), None
 
   zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), trainable_params)
-  metric_zeros = {k: jnp.zeros((), jnp.float32)
-                  for k in ("loss", "approx_kl", "clipfrac", "kl")}
-  (grad_sum, metric_sum), _ = jax.lax.scan(body, (zeros, metric_zeros), order.T)
-  scale = 1.0 / num_trained
+  metric_zeros = {k: jnp.zeros((), jnp.float32) for k in metric_names}
+  (grad_sum, metric_sum), _ = jax.lax.scan(body, (zeros, metric_zeros), visits)
+  scale = 1.0 / jax.tree.leaves(visits)[0].shape[0]
   return (jax.tree.map(lambda g: g * scale, grad_sum),
           {k: v * scale for k, v in metric_sum.items()})
 
