@@ -78,11 +78,42 @@ def test_reward_value_by_hand(examples):
   assert value[0] > 1.5 and value[1] < 0.5
 
 
+def test_location_reward_by_hand(examples):
+  """A 4x4 square of the requested colour painted in the image corner farthest from the
+  requested object scores 1 - |square centre - region centroid| / (32 sqrt 2); the target
+  image, whose new pixels are the requested object, scores about 1; the unchanged source and
+  any removal 0."""
+  insertion = next(e for e in examples if e.task == "insertion"
+                   and e.edit.after.color not in {o.color for o in e.source_scene.objects})
+  removal = next(e for e in examples if e.task == "removal")
+  targets = _targets([insertion])
+  colour = np.asarray(targets["check_colours"][0, int(targets["check_colour"][0])])
+  rows_, cols_ = np.nonzero(np.asarray(targets["check_region"][0]))
+  top = 26 if rows_.mean() < 16 else 2  # the square's first row and column
+  left = 26 if cols_.mean() < 16 else 2
+  painted = insertion.source.copy()
+  painted[top:top + 4, left:left + 4] = colour.astype(np.uint8)
+  distance = np.hypot(top + 1.5 - rows_.mean(), left + 1.5 - cols_.mean())
+  want = 1.0 - distance / (32 * np.sqrt(2))
+  rows = [insertion, insertion, insertion, removal]
+  edited = np.stack([painted, insertion.target, insertion.source, removal.target])
+  inputs = RewardInputs(
+      edited_images=jnp.asarray(edited, jnp.float32) / 255.0,
+      source_images=jnp.asarray(np.stack([e.source for e in rows]), jnp.float32) / 255.0,
+      shapes_check=_targets(rows))
+  value = np.asarray(get_reward("shapes_location")(inputs, RewardContext(config={})))
+  np.testing.assert_allclose(value[0], want, rtol=1e-5)
+  assert value[1] > 0.97 and distance > 10
+  np.testing.assert_array_equal(value[2:], [0.0, 0.0])
+
+
 def test_shapes_check_needs_the_targets():
   inputs = RewardInputs(edited_images=jnp.zeros((1, 4, 4, 3)),
                         source_images=jnp.zeros((1, 4, 4, 3)))
   with pytest.raises(ValueError, match="shapes_check"):
     get_reward("shapes_check")(inputs, RewardContext(config={}))
+  with pytest.raises(ValueError, match="shapes_location"):
+    get_reward("shapes_location")(inputs, RewardContext(config={}))
 
 
 def test_change_inside_by_hand():
