@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 from collections.abc import Sequence as SequenceABC
 
+from absl import logging
 from etils import epath
 import grain
 import numpy as np
@@ -137,14 +138,32 @@ class TaskSubset(SequenceABC):
   """The records of a random-access source whose ``task`` is one of ``tasks`` (shapes_edit).
 
   Indices are positions in the subset, so the loader's example indices (the RL groups' keys)
-  stay unique. Reads every record's ``task`` once, when built.
+  stay unique. Reads every record's ``task`` once, when built. A record whose ``task`` is
+  missing or not an index into ``records.TASKS`` raises a ``records.RecordError`` naming it
+  (with ``bad_record_fix`` at its end), or, with ``skip_bad_records``, is left out and counted
+  in ``skipped``.
   """
 
-  def __init__(self, source: Sequence, tasks: Sequence[str]):
+  def __init__(self, source: Sequence, tasks: Sequence[str], skip_bad_records: bool = False,
+               bad_record_fix: str = ""):
     wanted = {records.TASKS.index(t) for t in tasks}
     self._source = source
-    self._indices = [i for i in range(len(source))
-                     if int(np.asarray(source[i]["task"])) in wanted]
+    self._indices = []
+    self.skipped = 0
+    for i in range(len(source)):
+      record = source[i]
+      try:
+        task = _task_index(record, i)
+      except records.RecordError as e:
+        if skip_bad_records:
+          self.skipped += 1
+          continue
+        raise e.with_fix(bad_record_fix) from None
+      if task in wanted:
+        self._indices.append(i)
+    if self.skipped:
+      logging.warning("TaskSubset: left out %d records whose task could not be read.",
+                      self.skipped)
     if not self._indices:
       raise ValueError(f"No record of the tasks {sorted(tasks)} in this split "
                        f"({len(source)} records).")
@@ -154,6 +173,20 @@ class TaskSubset(SequenceABC):
 
   def __getitem__(self, index: int):
     return self._source[self._indices[index]]
+
+
+def _task_index(record: Mapping[str, Any], index: int) -> int:
+  """The record's ``task`` as an index into ``records.TASKS``; RecordError if it is not one."""
+  name = records.record_name(record, index)
+  if "task" not in record:
+    raise records.RecordError(name, "task", "is missing (shapes_edit records have one).")
+  try:
+    task = int(np.asarray(record["task"]))
+  except (TypeError, ValueError) as e:
+    raise records.RecordError(name, "task", f"is not an integer ({e}).") from None
+  if not 0 <= task < len(records.TASKS):
+    raise records.RecordError(name, "task", f"is {task}, not an index into {records.TASKS}.")
+  return task
 
 
 def decode_for_batch(index: int, record: Dict[str, Any], resolution: int,

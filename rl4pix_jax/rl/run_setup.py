@@ -122,7 +122,9 @@ def make_iterator(config: ml_collections.ConfigDict, workdir: str, tokenizer: An
                      f"{jax.process_count()} processes.")
   source = loader_lib.open_split(prepare_dataset(config, workdir), split)
   if tasks:
-    source = loader_lib.TaskSubset(source, tasks)
+    source = loader_lib.TaskSubset(source, tasks,
+                                   skip_bad_records=config.data.skip_bad_records,
+                                   bad_record_fix=BAD_RECORD_FIX)
   loader_config = loader_lib.LoaderConfig(
       batch_size=batch_size // jax.process_count(), resolution=config.resolution,
       seed=config.seed, shuffle=shuffle, num_epochs=num_epochs,

@@ -199,6 +199,23 @@ def test_task_subset_keeps_the_tasks_asked_for(tokenizer, shape_records):
     loader.TaskSubset(only_wanted, [other])
 
 
+def test_task_subset_bad_task_field(shape_records):
+  """A record without a readable task raises one line naming it and the fix, or is left out
+  and counted with skip_bad_records."""
+  tasks = [records.TASKS[int(r["task"])] for r in shape_records]
+  missing = [dict(r) for r in shape_records]
+  del missing[1]["task"]
+  with pytest.raises(records.RecordError, match=r"#1 .*'task'.* is missing.*skip them"):
+    loader.TaskSubset(missing, [tasks[0]], bad_record_fix="Pass skip them.")
+  subset = loader.TaskSubset(missing, [tasks[0]], skip_bad_records=True)
+  assert subset.skipped == 1
+  assert len(subset) == sum(t == tasks[0] for i, t in enumerate(tasks) if i != 1)
+  out_of_range = [dict(r) for r in shape_records]
+  out_of_range[0]["task"] = np.int64(len(records.TASKS))
+  with pytest.raises(records.RecordError, match="not an index into"):
+    loader.TaskSubset(out_of_range, [tasks[0]])
+
+
 def test_decode_for_batch(shape_records):
   decoded = loader.decode_for_batch(3, shape_records[3], 16, skip_bad_records=False)
   assert decoded["source"].shape == (16, 16, 3) and decoded["example_index"] == 3
