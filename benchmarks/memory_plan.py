@@ -480,7 +480,8 @@ def run_config_main() -> None:
       # The sampler runs no backward pass: remat does not change it, so it compiles once.
       rows.append(plan_run_config(config, known[name], remat == "on", with_sampler=i == 0))
       print(format_run_table(rows[-1:]), flush=True)
-  print(f"\n{config.ppo.trainable} fine-tuning, {config.resolution} px, compute "
+  print(f"\n{config.ppo.trainable} fine-tuning, ppo.objective={config.ppo.objective}, "
+        f"{config.resolution} px, compute "
         f"{config.model.dtype}, T={config.sampler.num_steps}, attention={config.model.attention} "
         f"(compiled for {jax.devices()[0].platform}), per-device bytes from XLA's memory "
         "analysis:")
