@@ -7,7 +7,7 @@
 Each ``--results`` is a results.json of ``launch.evaluate`` over the same examples with another
 sampling seed. A prompt whose samples all succeed or all fail gives group advantages of 0: only
 the mixed ones carry signal, and "every mixed prompt always succeeds" bounds what sharpening the
-policy can gain. For shapes_edit the prompts are also split by task (``shapes.make_example``
+policy can gain. For shapes_edit the prompts are also split by task (``rl_table.task_of``
 regenerates each example from its id ``shapes-<seed>-<index>``).
 """
 
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import collections
 import json
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from absl import app, flags
 import numpy as np
 
-from rl4pix_jax.data import shapes
 from tools import rl_table
 
 FLAGS = flags.FLAGS
@@ -48,20 +47,12 @@ def success_matrix(paths: Sequence[str], model: str) -> tuple:
   return ids, np.stack(rows)
 
 
-def task_of(example_id: str) -> Optional[str]:
-  """The shapes task of ``shapes-<seed>-<index>``; None for other ids."""
-  parts = example_id.split("-")
-  if len(parts) != 3 or parts[0] != "shapes" or not all(p.isdigit() for p in parts[1:]):
-    return None
-  return shapes.make_example(int(parts[1]), int(parts[2]), 8).task
-
-
 def spread_table(ids: Sequence[str], success: np.ndarray) -> str:
   """Markdown: per task and in all, prompts by number of successes out of S, mean success
   and the ceiling (share of prompts that succeed at least once)."""
   seeds = success.shape[0]
   wins = success.sum(0).astype(int)
-  tasks = [task_of(i) for i in ids]
+  tasks = [rl_table.task_of(i) for i in ids]
   groups: Dict[str, np.ndarray] = collections.OrderedDict()
   for task in sorted({t for t in tasks if t is not None}):
     groups[task] = np.asarray([t == task for t in tasks])

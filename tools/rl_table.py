@@ -10,20 +10,25 @@ Rows compared with the baseline must score the same examples in the same order (
 ``--max_examples`` and seed); the differences are then paired per example: the mean of
 (row - baseline) with a percentile bootstrap interval over examples (``metrics.intervals``),
 which is tighter than comparing two separate intervals.
+
+``--by_task`` adds, for shapes_edit results, each row's success / edit_ok / preserved_ok per
+shapes task (the task regenerated from each example id ``shapes-<seed>-<index>``).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import app, flags
 import numpy as np
 
+from rl4pix_jax.data import shapes
 from rl4pix_jax.metrics import intervals
 
 METRICS = ("success", "edit_ok", "preserved_ok", "attention_mass_inside", "clip_t")
 PAIRED = ("success", "preserved_ok")
+TASK_METRICS = ("success", "edit_ok", "preserved_ok")
 
 FLAGS = flags.FLAGS
 
@@ -35,6 +40,8 @@ def define_flags() -> None:
   flags.DEFINE_string("baseline", None, "Label of the row the others are compared with "
                       "(paired per example).")
   flags.DEFINE_string("output", None, "Write the markdown table here (and print it).")
+  flags.DEFINE_bool("by_task", False, "Also a table of each row's success, edit_ok and "
+                    "preserved_ok per shapes task.")
 
 
 class TableError(app.UsageError):
@@ -66,6 +73,7 @@ def load_row(path: str, model: str) -> Dict[str, object]:
   entry = results["models"][names[0]]
   return {"name": names[0], "per_example": entry["per_example"],
           "split": results.get("split"), "num_edits": results.get("num_edits"),
+          "example_ids": results.get("example_ids"),
           "seed": results.get("sampler", {}).get("seed")}
 
 
@@ -96,6 +104,43 @@ def markdown(rows: Sequence[Tuple[str, Mapping]], baseline: str = None) -> str:
   return "\n".join(lines) + "\n"
 
 
+def task_of(example_id: str) -> Optional[str]:
+  """The shapes task of ``shapes-<seed>-<index>``; None for other ids."""
+  parts = example_id.split("-")
+  if len(parts) != 3 or parts[0] != "shapes" or not all(p.isdigit() for p in parts[1:]):
+    return None
+  return shapes.make_example(int(parts[1]), int(parts[2]), 8).task
+
+
+def by_task_markdown(rows: Sequence[Tuple[str, Mapping]]) -> str:
+  """Markdown: one line per row, TASK_METRICS means per shapes task (n in the header).
+
+  Raises:
+    TableError: a row without example ids, or with ids that are not shapes ids.
+  """
+  tasks_of_rows = []
+  for label, row in rows:
+    ids = row.get("example_ids")
+    tasks = [task_of(i) for i in ids] if ids else []
+    if not tasks or None in tasks:
+      raise TableError(f"Row {label!r}: --by_task needs shapes_edit results (example ids "
+                       "shapes-<seed>-<index>); these have none.")
+    tasks_of_rows.append(np.asarray(tasks))
+  names = sorted(set(np.concatenate(tasks_of_rows)))
+  first = tasks_of_rows[0]
+  header = ["editor"] + [f"{m} {t} (n={int((first == t).sum())})"
+                         for m in TASK_METRICS for t in names]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for (label, row), tasks in zip(rows, tasks_of_rows):
+    cells = [label]
+    for metric in TASK_METRICS:
+      values = np.asarray(row["per_example"][metric], np.float64)
+      cells += [f"{values[tasks == t].mean():.3f}" if (tasks == t).any() else "—"
+                for t in names]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv: List[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -105,7 +150,10 @@ def main(argv: List[str]) -> None:
   for spec in FLAGS.row:
     label, path, model = parse_row(spec)
     rows.append((label, load_row(path, model)))
-  print_and_write(markdown(rows, FLAGS.baseline), FLAGS.output)
+  table = markdown(rows, FLAGS.baseline)
+  if FLAGS.by_task:
+    table += "\n" + by_task_markdown(rows)
+  print_and_write(table, FLAGS.output)
 
 
 def print_and_write(table: str, output: str = None) -> None:

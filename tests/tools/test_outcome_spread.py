@@ -18,8 +18,8 @@ def _results(path, ids, success):
 def test_counts_mixed_prompts_and_the_ceiling_per_task(tmp_path):
   ids = [f"shapes-1-{i}" for i in range(4)]
   tasks = [shapes.make_example(1, i, 32).task for i in range(4)]
-  assert [outcome_spread.task_of(i) for i in ids] == tasks
-  assert outcome_spread.task_of("magicbrush-12-1") is None
+  assert [rl_table.task_of(i) for i in ids] == tasks
+  assert rl_table.task_of("magicbrush-12-1") is None
   # Over 2 seeds example 0 succeeds twice, 1 never, 2 once, 3 twice: counts 1 / 1 / 2, one
   # mixed, mean 5/8, ceiling 3 of 4.
   paths = [_results(tmp_path / "a.json", ids, [1, 0, 1, 1]),

@@ -49,3 +49,27 @@ def test_bad_rows_are_named(tmp_path):
   rows = [("a", rl_table.load_row(path, "RL")), ("b", rl_table.load_row(other, "RL"))]
   with pytest.raises(rl_table.TableError, match="evaluate both alike"):
     rl_table.markdown(rows, "a")
+
+
+def test_by_task_means_by_hand(tmp_path):
+  """Four shapes ids; each task's cell is the mean over that task's examples, computed here
+  from the regenerated tasks; results without shapes ids are refused in one line."""
+  from rl4pix_jax.data import shapes  # pylint: disable=import-outside-toplevel
+  ids = [f"shapes-1-{i}" for i in range(4)]
+  tasks = [shapes.make_example(1, i, 32).task for i in range(4)]
+  success, preserved = [1, 0, 1, 1], [1, 1, 0, 1]
+  data = {"split": "test", "num_edits": 4, "sampler": {"seed": 0}, "example_ids": ids,
+          "models": {"RL epoch 1": {"per_example": _row(success, preserved)}}}
+  path = tmp_path / "a.json"
+  path.write_text(json.dumps(data))
+  table = rl_table.by_task_markdown([("rl", rl_table.load_row(str(path), "RL"))])
+  header, _, line = table.strip().splitlines()
+  names = sorted(set(tasks))
+  want = ["rl"]
+  for values in (success, success, preserved):  # edit_ok = success in _row
+    want += [f"{np.mean([v for v, t in zip(values, tasks) if t == n]):.3f}" for n in names]
+  assert line == "| " + " | ".join(want) + " |"
+  assert f"success {names[0]} (n={tasks.count(names[0])})" in header
+  plain = _results(tmp_path / "b.json", {"RL epoch 1": _row(success, preserved)})
+  with pytest.raises(rl_table.TableError, match="--by_task needs shapes_edit"):
+    rl_table.by_task_markdown([("rl", rl_table.load_row(plain, "RL"))])
