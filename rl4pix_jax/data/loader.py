@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 from collections.abc import Sequence as SequenceABC
 
 from absl import logging
@@ -153,7 +153,8 @@ class TaskSubset(SequenceABC):
     for i in range(len(source)):
       record = source[i]
       try:
-        task = _task_index(record, i)
+        name = records.record_name(record, i)
+        task = records.check_task(records.get_field(record, "task", name), name)
       except records.RecordError as e:
         if skip_bad_records:
           self.skipped += 1
@@ -173,20 +174,6 @@ class TaskSubset(SequenceABC):
 
   def __getitem__(self, index: int):
     return self._source[self._indices[index]]
-
-
-def _task_index(record: Mapping[str, Any], index: int) -> int:
-  """The record's ``task`` as an index into ``records.TASKS``; RecordError if it is not one."""
-  name = records.record_name(record, index)
-  if "task" not in record:
-    raise records.RecordError(name, "task", "is missing (shapes_edit records have one).")
-  try:
-    task = int(np.asarray(record["task"]))
-  except (TypeError, ValueError) as e:
-    raise records.RecordError(name, "task", f"is not an integer ({e}).") from None
-  if not 0 <= task < len(records.TASKS):
-    raise records.RecordError(name, "task", f"is {task}, not an index into {records.TASKS}.")
-  return task
 
 
 def decode_for_batch(index: int, record: Dict[str, Any], resolution: int,

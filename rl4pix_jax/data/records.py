@@ -188,7 +188,10 @@ def check_phrase(instruction: str, phrase: str, record_name: str) -> Tuple[int, 
 
 def check_task(value: Any, record_name: str) -> int:
   """Validates the task index (0..len(TASKS)-1)."""
-  task = int(np.asarray(value))
+  try:
+    task = int(np.asarray(value))
+  except (TypeError, ValueError) as e:
+    raise RecordError(record_name, "task", f"is not an integer ({e}).") from None
   if not 0 <= task < len(TASKS):
     raise RecordError(record_name, "task", f"{task} is not a task index in [0, {len(TASKS)}) "
                       f"({TASKS}).")

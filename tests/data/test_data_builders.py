@@ -123,6 +123,8 @@ def test_text_checks():
   assert records.check_task(np.int32(2), "r") == 2
   with pytest.raises(records.RecordError, match="field 'task'"):
     records.check_task(7, "r")
+  with pytest.raises(records.RecordError, match="field 'task': is not an integer"):
+    records.check_task("x", "r")
   assert records.record_name({"example_id": b"e"}, 4) == "#4 (id 'e')"
   assert records.record_name({}, None) == "id '?'"
   with pytest.raises(records.RecordError, match="field 'mask_image': missing"):

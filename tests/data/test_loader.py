@@ -205,14 +205,14 @@ def test_task_subset_bad_task_field(shape_records):
   tasks = [records.TASKS[int(r["task"])] for r in shape_records]
   missing = [dict(r) for r in shape_records]
   del missing[1]["task"]
-  with pytest.raises(records.RecordError, match=r"#1 .*'task'.* is missing.*skip them"):
+  with pytest.raises(records.RecordError, match=r"#1 .*'task'.* missing.*skip them"):
     loader.TaskSubset(missing, [tasks[0]], bad_record_fix="Pass skip them.")
   subset = loader.TaskSubset(missing, [tasks[0]], skip_bad_records=True)
   assert subset.skipped == 1
   assert len(subset) == sum(t == tasks[0] for i, t in enumerate(tasks) if i != 1)
   out_of_range = [dict(r) for r in shape_records]
   out_of_range[0]["task"] = np.int64(len(records.TASKS))
-  with pytest.raises(records.RecordError, match="not an index into"):
+  with pytest.raises(records.RecordError, match="is not a task index"):
     loader.TaskSubset(out_of_range, [tasks[0]])
 
 
